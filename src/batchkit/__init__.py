@@ -1,0 +1,35 @@
+"""batchkit: async micro-batching of model inference, inside your application.
+
+::
+
+    batcher = batchkit.Batcher(model_fn, max_batch_size=64, max_wait_ms=2)
+    y = await batcher.predict(x)      # one sample in, its own result out
+"""
+
+from ._batcher import DEFAULT_MAX_QUEUE_SIZE, Batcher
+from ._collate import Collator
+from ._decorator import batch
+from ._errors import (
+    BatcherClosedError,
+    BatchkitError,
+    BatchSizeMismatchError,
+    QueueFullError,
+    RequestTimeoutError,
+)
+from ._stats import BatcherStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MAX_QUEUE_SIZE",
+    "BatchSizeMismatchError",
+    "Batcher",
+    "BatcherClosedError",
+    "BatcherStats",
+    "BatchkitError",
+    "Collator",
+    "QueueFullError",
+    "RequestTimeoutError",
+    "__version__",
+    "batch",
+]

@@ -1,0 +1,53 @@
+"""The batchkit exception tree.
+
+::
+
+    Exception
+     └── BatchkitError                  every error batchkit itself raises
+          ├── QueueFullError            max_queue_size requests already pending
+          ├── BatcherClosedError        predict() after aclose()
+          ├── RequestTimeoutError       the call's deadline passed (also a TimeoutError)
+          └── BatchSizeMismatchError    fn returned a batch of the wrong length
+
+Errors raised by the model function are not wrapped: every caller of the failing
+batch receives the model's own exception, so ``except ValueError`` works the same
+with and without batchkit. Inputs that auto-collate cannot batch raise a plain
+``TypeError`` for that caller only.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BatchSizeMismatchError",
+    "BatcherClosedError",
+    "BatchkitError",
+    "QueueFullError",
+    "RequestTimeoutError",
+]
+
+
+class BatchkitError(Exception):
+    """Base class of every error raised by batchkit itself."""
+
+
+class QueueFullError(BatchkitError):
+    """The batcher already holds ``max_queue_size`` pending requests.
+
+    Raised at once by ``predict`` so that an overloaded service sheds load
+    instead of growing its memory without bound.
+    """
+
+
+class BatcherClosedError(BatchkitError):
+    """The batcher is closed (or closing) and accepts no new requests."""
+
+
+class RequestTimeoutError(BatchkitError, TimeoutError):
+    """The request's deadline (``timeout_ms``) passed before its result was ready.
+
+    A request that times out while still queued is never sent to the model.
+    """
+
+
+class BatchSizeMismatchError(BatchkitError):
+    """The model returned a batch whose length differs from its input's."""
