@@ -14,6 +14,7 @@ an async ``fn`` is awaited by the worker task on the loop.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -152,7 +153,7 @@ class Batcher(Generic[InT, OutT]):
         self._is_async = _is_async_callable(fn)
         self._name = name or getattr(fn, "__qualname__", None) or type(fn).__qualname__
         self._attribute: str | None = None  # set by __set_name__ when used on a class
-        functools.update_wrapper(self, fn, updated=())  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn, updated=())
 
         self._key = self._collator.key
         self._policy = FixedWait(self._max_wait_ms / 1000.0)
@@ -345,10 +346,7 @@ class Batcher(Generic[InT, OutT]):
         best_time = math.inf
         wake_at: float | None = None
         for key, head, size in self._queue.oldest():
-            if size >= self._max_batch_size or self._closing:
-                due = now
-            else:
-                due = self._policy.flush_at(head, size)
+            due = now if size >= self._max_batch_size or self._closing else self._policy.flush_at(head, size)
             if due <= now:
                 if head.enqueued_at < best_time:
                     best_key, best_time = key, head.enqueued_at
@@ -401,10 +399,8 @@ class Batcher(Generic[InT, OutT]):
             outputs = collator.split(self._fn(collator.collate([r.item for r in batch])), len(batch))
         except BaseException as exc:
             error = exc
-        try:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone; so are the callers
             backend.call_soon_threadsafe(self._finish, backend, batch, outputs, error)
-        except RuntimeError:  # the event loop is gone; so are the callers
-            pass
 
     async def _run_batch_async(self, backend: Backend, batch: list[Request]) -> None:
         collator = self._collator
@@ -430,7 +426,7 @@ class Batcher(Generic[InT, OutT]):
         answered = 0
         if outputs is not None:
             set_result = backend.set_result
-            for request, output in zip(batch, outputs):
+            for request, output in zip(batch, outputs, strict=False):
                 if request.state == RUNNING:
                     request.state = DONE
                     set_result(request, output)
@@ -439,7 +435,7 @@ class Batcher(Generic[InT, OutT]):
         else:
             assert error is not None
             waiting = [r for r in batch if r.state == RUNNING]
-            for request, err in zip(waiting, _copies(error, len(waiting))):
+            for request, err in zip(waiting, _copies(error, len(waiting)), strict=False):
                 request.state = DONE
                 backend.set_error(request, err)
             answered = len(waiting)
@@ -527,7 +523,8 @@ class Batcher(Generic[InT, OutT]):
             return self
         if self._attribute is None:
             raise TypeError("a Batcher used as a method must be defined in the class body")
-        fn = self._fn.__get__(instance, owner) if hasattr(self._fn, "__get__") else functools.partial(self._fn, instance)
+        get = getattr(self._fn, "__get__", None)
+        fn = get(instance, owner) if get is not None else functools.partial(self._fn, instance)
         bound: Batcher[InT, OutT] = Batcher(fn, name=f"{self._name}@{id(instance):x}", **self._options)
         try:
             vars(instance)[self._attribute] = bound  # later lookups find it without calling __get__

@@ -110,7 +110,8 @@ class AutoCollate:
                 raise _not_a_batch(output, n)
             if output.shape[0] != n:
                 raise _mismatch(output.shape[0], n)
-            return output.unbind(0)
+            rows: Sequence[Any] = output.unbind(0)
+            return rows
         return _split_sequence(output, n)
 
 

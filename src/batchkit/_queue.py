@@ -30,7 +30,7 @@ TIMED_OUT = 4
 class Request:
     """One caller's input and the handle that wakes it up."""
 
-    __slots__ = ("item", "key", "enqueued_at", "deadline", "state", "waiter", "timer")
+    __slots__ = ("deadline", "enqueued_at", "item", "key", "state", "timer", "waiter")
 
     def __init__(self, item: Any, key: Hashable, enqueued_at: float, deadline: float | None) -> None:
         self.item = item
