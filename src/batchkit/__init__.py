@@ -13,10 +13,11 @@ from ._errors import (
     BatcherClosedError,
     BatchkitError,
     BatchSizeMismatchError,
+    ModelTimeoutError,
     QueueFullError,
     RequestTimeoutError,
 )
-from ._stats import BatcherStats
+from ._stats import BatcherStats, LatencySummary
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,8 @@ __all__ = [
     "BatcherStats",
     "BatchkitError",
     "Collator",
+    "LatencySummary",
+    "ModelTimeoutError",
     "QueueFullError",
     "RequestTimeoutError",
     "__version__",

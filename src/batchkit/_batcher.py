@@ -21,17 +21,19 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import anyio
+import anyio.abc
 
 from ._backend import Backend, current_backend
 from ._collate import CollateArg, make_collator
-from ._errors import BatcherClosedError, QueueFullError, RequestTimeoutError
+from ._errors import BatcherClosedError, ModelTimeoutError, QueueFullError, RequestTimeoutError
+from ._execute import Executor, Failed, Outcome
 from ._policy import FixedWait
 from ._queue import CANCELLED, DONE, QUEUED, RUNNING, TIMED_OUT, Request, RequestQueue
-from ._runner import ThreadRunner
-from ._stats import BatcherStats
+from ._runner import Slot, ThreadRunner
+from ._stats import BatcherStats, LatencyWindow
 
 __all__ = ["DEFAULT_MAX_QUEUE_SIZE", "Batcher"]
 
@@ -68,6 +70,18 @@ def _copies(error: BaseException, n: int) -> list[BaseException]:
             twin.__traceback__ = error.__traceback__
         errors.append(twin)
     return errors
+
+
+def _earliest(*times: float | None) -> float | None:
+    known = [t for t in times if t is not None]
+    return min(known) if known else None
+
+
+def _check_allowed_sizes(sizes: Sequence[int]) -> list[int]:
+    checked = sorted({_check_positive_int("allowed_batch_sizes", size) for size in sizes})
+    if not checked:
+        raise ValueError("allowed_batch_sizes must name at least one size")
+    return checked
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -133,6 +147,11 @@ class Batcher(Generic[InT, OutT]):
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
         timeout_ms: float | None = None,
         collate: CollateArg = "auto",
+        on_error: Literal["raise", "isolate"] = "raise",
+        run_timeout_ms: float | None = None,
+        allowed_batch_sizes: Sequence[int] | None = None,
+        replicas: int = 1,
+        max_concurrent_batches: int = 1,
         name: str | None = None,
     ) -> None:
         if not callable(fn):
@@ -141,29 +160,52 @@ class Batcher(Generic[InT, OutT]):
         self._max_wait_ms = _check_ms("max_wait_ms", max_wait_ms, allow_zero=True)
         self._max_queue_size = _check_positive_int("max_queue_size", max_queue_size)
         self._timeout_ms = None if timeout_ms is None else _check_ms("timeout_ms", timeout_ms, allow_zero=False)
+        self._run_timeout = (
+            None if run_timeout_ms is None else _check_ms("run_timeout_ms", run_timeout_ms, allow_zero=False) / 1000
+        )
+        if on_error not in ("raise", "isolate"):
+            raise ValueError(f"on_error must be 'raise' or 'isolate', got {on_error!r}")
+        self._is_async = _is_async_callable(fn)
+        _check_positive_int("replicas", replicas)
+        _check_positive_int("max_concurrent_batches", max_concurrent_batches)
+        if self._is_async and replicas != 1:
+            raise ValueError("replicas is for synchronous models; an async model takes max_concurrent_batches")
+        if not self._is_async and max_concurrent_batches != 1:
+            raise ValueError("max_concurrent_batches is for async models; a synchronous model takes replicas")
+        allowed = None if allowed_batch_sizes is None else _check_allowed_sizes(allowed_batch_sizes)
         self._collator = make_collator(collate)
+        self._executor = Executor(self._collator, isolate=on_error == "isolate", allowed_sizes=allowed)
         self._options: dict[str, Any] = {
             "max_batch_size": max_batch_size,
             "max_wait_ms": max_wait_ms,
             "max_queue_size": max_queue_size,
             "timeout_ms": timeout_ms,
             "collate": collate,
+            "on_error": on_error,
+            "run_timeout_ms": run_timeout_ms,
+            "allowed_batch_sizes": allowed_batch_sizes,
+            "replicas": replicas,
+            "max_concurrent_batches": max_concurrent_batches,
         }
         self._fn = fn
-        self._is_async = _is_async_callable(fn)
+        self._replica_fns: list[Callable[[Any], Any]] = [fn] * (max_concurrent_batches if self._is_async else replicas)
         self._name = name or getattr(fn, "__qualname__", None) or type(fn).__qualname__
         self._attribute: str | None = None  # set by __set_name__ when used on a class
         functools.update_wrapper(self, fn, updated=())
 
+        # The largest batch to form now: max_batch_size, lowered by allowed_batch_sizes
+        # and by the largest size that fit after an out-of-memory error.
+        self._limit = min(self._max_batch_size, max(allowed)) if allowed else self._max_batch_size
         self._key = self._collator.key
         self._policy = FixedWait(self._max_wait_ms / 1000.0)
         self._queue = RequestQueue()
         self._backend: Backend | None = None
         self._closing = False
-        self._runner: ThreadRunner | None = None
+        self._slots: list[Slot] = []
+        self._idle: list[Slot] = []
         self._wakeup: anyio.Event | None = None  # set while the worker sleeps
-        self._wake_on_full = False  # True: only a full group should wake it early
-        self._runner_idle: anyio.Event | None = None
+        self._wake_threshold: float = 1  # a push wakes the worker when its group reaches this size
+        self._task_group: anyio.abc.TaskGroup | None = None
         self._worker_done: anyio.Event | None = None
 
         self._n_requests = 0
@@ -173,8 +215,13 @@ class Batcher(Generic[InT, OutT]):
         self._n_rejected = 0
         self._n_timed_out = 0
         self._n_cancelled = 0
+        self._n_oom_splits = 0
+        self._n_hung = 0
         self._in_flight = 0
         self._batch_sizes: dict[int, int] = {}
+        self._queue_wait = LatencyWindow()
+        self._run_time = LatencyWindow()
+        self._latency = LatencyWindow()
 
     # -- configuration, read-only -------------------------------------------------
 
@@ -264,7 +311,7 @@ class Batcher(Generic[InT, OutT]):
         request = Request(x, key, now, deadline)
         size = queue.push(request)
         wakeup = self._wakeup
-        if wakeup is not None and (size >= self._max_batch_size or not self._wake_on_full):
+        if wakeup is not None and size >= self._wake_threshold:
             self._wakeup = None
             wakeup.set()
         return await backend.wait(request, self)  # type: ignore[no-any-return]
@@ -282,8 +329,8 @@ class Batcher(Generic[InT, OutT]):
         backend = current_backend()
         self._backend = backend
         self._worker_done = anyio.Event()
-        if not self._is_async:
-            self._runner = ThreadRunner(name=f"batchkit-{self._name}")
+        self._slots = [self._new_slot(i, fn) for i, fn in enumerate(self._replica_fns)]
+        self._idle = list(reversed(self._slots))  # pop() hands out slot 0 first
         backend.spawn_system_task(self._worker)
         logger.debug("batcher %r started on %s", self._name, backend.name)
         return backend
@@ -313,32 +360,45 @@ class Batcher(Generic[InT, OutT]):
         self._wake()
         await done.wait()
 
-    def _wake(self) -> None:
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            wakeup.set()
-
     # -- the worker task ----------------------------------------------------------
+
+    def _new_slot(self, index: int, fn: Callable[[Any], Any]) -> Slot:
+        runner = None if self._is_async else ThreadRunner(name=f"batchkit-{self._name}-{index}")
+        return Slot(index, fn, runner)
 
     async def _worker(self) -> None:
         backend = self._backend
         assert backend is not None
         try:
-            while True:
-                key, ready, wake_at = self._next_flush(backend.time())
-                if ready:
-                    batch = self._take(backend, key)
-                    if batch:
-                        await self._dispatch(backend, batch)
-                elif self._closing:
-                    break
-                else:
-                    await self._sleep(wake_at)
+            async with anyio.create_task_group() as task_group:  # runs async models' batches
+                self._task_group = task_group
+                await self._serve(backend)
         except Exception:  # a bug in batchkit: never take the event loop down with it
             logger.exception("batcher %r: worker crashed; failing its queued requests", self._name)
         finally:
             self._shutdown(backend)
+
+    async def _serve(self, backend: Backend) -> None:
+        while True:
+            now = backend.time()
+            if self._run_timeout is not None:
+                self._abandon_hung_slots(backend, now)
+            wake_at: float | None = None
+            threshold = math.inf  # all slots busy: only a finished batch wakes us
+            if self._idle:
+                key, ready, wake_at = self._next_flush(now)
+                if ready:
+                    batch = self._take(backend, key, now)
+                    if batch:
+                        self._start(backend, self._idle.pop(), batch)
+                    continue
+                if self._closing and len(self._idle) == len(self._slots):
+                    return
+                if not self._closing:
+                    threshold = 1 if wake_at is None else self._limit
+            if self._run_timeout is not None:
+                wake_at = _earliest(wake_at, *(s.deadline for s in self._slots if s.batch is not None))
+            await self._sleep(wake_at, threshold)
 
     def _next_flush(self, now: float) -> tuple[Any, bool, float | None]:
         """Pick the group to send now, or say when to look again (None: on a push)."""
@@ -346,7 +406,7 @@ class Batcher(Generic[InT, OutT]):
         best_time = math.inf
         wake_at: float | None = None
         for key, head, size in self._queue.oldest():
-            due = now if size >= self._max_batch_size or self._closing else self._policy.flush_at(head, size)
+            due = now if size >= self._limit or self._closing else self._policy.flush_at(head, size)
             if due <= now:
                 if head.enqueued_at < best_time:
                     best_key, best_time = key, head.enqueued_at
@@ -354,9 +414,9 @@ class Batcher(Generic[InT, OutT]):
                 wake_at = due
         return best_key, best_time != math.inf, wake_at
 
-    async def _sleep(self, wake_at: float | None) -> None:
+    async def _sleep(self, wake_at: float | None, threshold: float) -> None:
         wakeup = self._wakeup = anyio.Event()
-        self._wake_on_full = wake_at is not None
+        self._wake_threshold = threshold
         if wake_at is None:
             await wakeup.wait()
         else:
@@ -364,10 +424,16 @@ class Batcher(Generic[InT, OutT]):
                 await wakeup.wait()
         self._wakeup = None
 
-    def _take(self, backend: Backend, key: Any) -> list[Request]:
-        now = backend.time()
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set()
+
+    def _take(self, backend: Backend, key: Any, now: float) -> list[Request]:
         batch = []
-        for request in self._queue.pop(key, self._max_batch_size):
+        waits = []
+        for request in self._queue.pop(key, self._limit):
             if request.deadline is not None and request.deadline <= now:
                 request.state = TIMED_OUT
                 self._n_timed_out += 1
@@ -375,78 +441,115 @@ class Batcher(Generic[InT, OutT]):
             else:
                 request.state = RUNNING
                 batch.append(request)
+                waits.append(now - request.enqueued_at)
+        self._queue_wait.extend(waits)
         self._in_flight += len(batch)
         return batch
 
-    async def _dispatch(self, backend: Backend, batch: list[Request]) -> None:
+    def _start(self, backend: Backend, slot: Slot, batch: list[Request]) -> None:
         size = len(batch)
         self._n_batches += 1
         self._batch_sizes[size] = self._batch_sizes.get(size, 0) + 1
+        slot.batch = batch
         if self._is_async:
-            await self._run_batch_async(backend, batch)
+            assert self._task_group is not None
+            self._task_group.start_soon(self._run_async, backend, slot, batch)
             return
-        assert self._runner is not None
-        idle = self._runner_idle = anyio.Event()
-        self._runner.submit(functools.partial(self._run_batch_sync, backend, batch))
-        await idle.wait()
+        if self._run_timeout is not None:
+            slot.deadline = backend.time() + self._run_timeout
+        assert slot.runner is not None
+        slot.runner.submit(functools.partial(self._run_sync, backend, slot, slot.generation, batch))
 
-    def _run_batch_sync(self, backend: Backend, batch: list[Request]) -> None:
-        """Runs on the worker thread; hands the outcome back to the event loop."""
-        collator = self._collator
-        outputs: Sequence[Any] | None = None
-        error: BaseException | None = None
-        try:
-            outputs = collator.split(self._fn(collator.collate([r.item for r in batch])), len(batch))
-        except BaseException as exc:
-            error = exc
+    def _run_sync(self, backend: Backend, slot: Slot, generation: int, batch: list[Request]) -> None:
+        """Runs on the slot's thread; hands the outcome back to the event loop."""
+        outcome = self._executor.run(slot.fn, [r.item for r in batch])
         with contextlib.suppress(RuntimeError):  # the event loop is gone; so are the callers
-            backend.call_soon_threadsafe(self._finish, backend, batch, outputs, error)
+            backend.call_soon_threadsafe(self._finish, backend, slot, generation, batch, outcome)
 
-    async def _run_batch_async(self, backend: Backend, batch: list[Request]) -> None:
-        collator = self._collator
+    async def _run_async(self, backend: Backend, slot: Slot, batch: list[Request]) -> None:
+        outcome: Outcome | None = None
         try:
-            output = await self._fn(collator.collate([r.item for r in batch]))
-            outputs = collator.split(output, len(batch))
-        except Exception as exc:
-            self._finish(backend, batch, None, exc)
+            with anyio.move_on_after(self._run_timeout):
+                outcome = await self._executor.run_async(slot.fn, [r.item for r in batch])
         except BaseException:  # the worker is cancelled: the event loop is shutting down
-            self._finish(backend, batch, None, BatcherClosedError(f"batcher {self._name!r} was shut down"))
+            closed = BatcherClosedError(f"batcher {self._name!r} was shut down")
+            self._finish(backend, slot, slot.generation, batch, Outcome(closed))
             raise
-        else:
-            self._finish(backend, batch, outputs, None)
+        if outcome is None:
+            self._n_hung += 1
+            outcome = Outcome(self._hung_error())
+        self._finish(backend, slot, slot.generation, batch, outcome)
 
-    def _finish(
-        self,
-        backend: Backend,
-        batch: list[Request],
-        outputs: Sequence[Any] | None,
-        error: BaseException | None,
-    ) -> None:
-        """Answer every caller of a finished batch that still waits (on the loop)."""
-        answered = 0
-        if outputs is not None:
-            set_result = backend.set_result
-            for request, output in zip(batch, outputs, strict=False):
-                if request.state == RUNNING:
-                    request.state = DONE
-                    set_result(request, output)
-                    answered += 1
-            self._n_completed += answered
-        else:
-            assert error is not None
-            waiting = [r for r in batch if r.state == RUNNING]
-            for request, err in zip(waiting, _copies(error, len(waiting)), strict=False):
+    def _finish(self, backend: Backend, slot: Slot, generation: int, batch: list[Request], outcome: Outcome) -> None:
+        """A batch is done (on the loop): free its slot, then answer its callers."""
+        if slot.generation != generation:
+            return  # a hung run we gave up on: its callers were answered then
+        slot.batch = slot.deadline = None
+        self._idle.append(slot)
+        self._wake()
+        self._run_time.add(outcome.seconds)
+        if outcome.fit is not None:
+            self._n_oom_splits += outcome.splits
+            if outcome.fit < self._limit:
+                logger.warning("batcher %r: out of memory; batches capped at %d", self._name, outcome.fit)
+                self._limit = max(1, outcome.fit)
+        self._answer(backend, batch, outcome)
+
+    def _answer(self, backend: Backend, batch: list[Request], outcome: Outcome) -> None:
+        """Answer every caller of ``batch`` that still waits, exactly once."""
+        waiting = [r for r in batch if r.state == RUNNING]
+        if not waiting:
+            return
+        now = backend.time()
+        self._latency.extend([now - r.enqueued_at for r in waiting])
+        self._in_flight -= len(waiting)
+        if outcome.outputs is None:
+            assert outcome.error is not None
+            for request, error in zip(waiting, _copies(outcome.error, len(waiting)), strict=True):
                 request.state = DONE
-                backend.set_error(request, err)
-            answered = len(waiting)
-            self._n_failed += answered
-        self._in_flight -= answered
-        idle = self._runner_idle
-        if idle is not None:
-            self._runner_idle = None
-            idle.set()
+                backend.set_error(request, error)
+            self._n_failed += len(waiting)
+            return
+        completed = 0
+        set_result = backend.set_result
+        for request, output in zip(batch, outcome.outputs, strict=True):
+            if request.state != RUNNING:
+                continue
+            request.state = DONE
+            if type(output) is Failed:
+                backend.set_error(request, output.error)
+            else:
+                set_result(request, output)
+                completed += 1
+        self._n_completed += completed
+        self._n_failed += len(waiting) - completed
+
+    def _abandon_hung_slots(self, backend: Backend, now: float) -> None:
+        """Give up on synchronous runs past run_timeout_ms: fail them, replace their threads."""
+        for slot in self._slots:
+            batch = slot.batch
+            if batch is None or slot.deadline is None or slot.deadline > now:
+                continue
+            self._n_hung += 1
+            logger.warning(
+                "batcher %r: a batch of %d ran past run_timeout_ms; abandoning its thread", self._name, len(batch)
+            )
+            assert slot.runner is not None
+            slot.runner.stop(join=False)  # it exits when the hung call returns
+            slot.runner = ThreadRunner(name=f"batchkit-{self._name}-{slot.index}")
+            slot.generation += 1  # the hung run's late _finish is ignored
+            slot.batch = slot.deadline = None
+            self._idle.append(slot)
+            self._answer(backend, batch, Outcome(self._hung_error()))
+
+    def _hung_error(self) -> ModelTimeoutError:
+        assert self._run_timeout is not None
+        return ModelTimeoutError(
+            f"batcher {self._name!r}: the model ran longer than run_timeout_ms={self._run_timeout * 1000:g}"
+        )
 
     def _shutdown(self, backend: Backend) -> None:
+        self._task_group = None
         leftovers = self._queue.pop_all()
         if leftovers:
             logger.warning("batcher %r stopped with %d queued requests; failing them", self._name, len(leftovers))
@@ -455,15 +558,16 @@ class Batcher(Generic[InT, OutT]):
                 request.state = DONE
                 backend.set_error(request, error)
             self._n_failed += len(leftovers)
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            runner.stop(join=self._in_flight == 0)
+        for slot in self._slots:
+            if slot.runner is not None:
+                slot.runner.stop(join=slot.batch is None)
+        self._slots, self._idle = [], []
         done = self._worker_done
         if not self._closing:
             # Killed with its event loop (no aclose): let a later loop start afresh.
             self._backend = None
             self._worker_done = None
-        self._wakeup = self._runner_idle = None
+        self._wakeup = None
         logger.debug("batcher %r stopped", self._name)
         if done is not None:
             done.set()
@@ -511,6 +615,12 @@ class Batcher(Generic[InT, OutT]):
             pending=self._queue.live,
             in_flight=self._in_flight,
             batch_sizes=dict(sorted(self._batch_sizes.items())),
+            queue_wait_ms=self._queue_wait.summary(),
+            run_time_ms=self._run_time.summary(),
+            latency_ms=self._latency.summary(),
+            oom_splits=self._n_oom_splits,
+            batch_size_limit=self._limit,
+            hung_batches=self._n_hung,
         )
 
     # -- use as a method decorator ------------------------------------------------

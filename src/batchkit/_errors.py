@@ -7,6 +7,7 @@
           ├── QueueFullError            max_queue_size requests already pending
           ├── BatcherClosedError        predict() after aclose()
           ├── RequestTimeoutError       the call's deadline passed (also a TimeoutError)
+          ├── ModelTimeoutError         a batch ran longer than run_timeout_ms (also a TimeoutError)
           └── BatchSizeMismatchError    fn returned a batch of the wrong length
 
 Errors raised by the model function are not wrapped: every caller of the failing
@@ -21,6 +22,7 @@ __all__ = [
     "BatchSizeMismatchError",
     "BatcherClosedError",
     "BatchkitError",
+    "ModelTimeoutError",
     "QueueFullError",
     "RequestTimeoutError",
 ]
@@ -46,6 +48,16 @@ class RequestTimeoutError(BatchkitError, TimeoutError):
     """The request's deadline (``timeout_ms``) passed before its result was ready.
 
     A request that times out while still queued is never sent to the model.
+    """
+
+
+class ModelTimeoutError(BatchkitError, TimeoutError):
+    """The model ran one batch for longer than ``run_timeout_ms``.
+
+    Every caller of that batch gets this error. A synchronous model cannot be
+    interrupted: its thread is abandoned (it exits when the call finally
+    returns) and a fresh thread takes its place, so the batcher keeps serving.
+    An async model is cancelled.
     """
 
 

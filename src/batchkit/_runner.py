@@ -1,10 +1,15 @@
-"""Worker threads: where a synchronous model runs, away from the event loop.
+"""Worker threads and slots: where batches run, away from the event loop.
 
-Each batcher owns one dedicated thread rather than borrowing a pool's: the model
-always runs on the same thread (thread-local state, CUDA streams and BLAS pools
-stay put), batches run strictly in order, and ``aclose()`` can join the thread so
-nothing outlives the batcher. The thread receives plain callables; a job reports
-its own result back to the event loop (see ``Batcher._run_batch_sync``).
+A *slot* is one place a batch can run at a time. A synchronous model gets one
+slot per replica, each with its own dedicated thread (and its own copy of the
+model, when the batcher serves a module on several devices). An async model gets
+``max_concurrent_batches`` slots and no threads.
+
+Each slot owns its thread rather than borrowing a pool's: the model always runs
+on the same thread (thread-local state, CUDA streams and BLAS pools stay put),
+batches on one slot run strictly in order, and ``aclose()`` joins the thread so
+nothing outlives the batcher. A job reports its own result back to the event
+loop (see ``Batcher._run_sync``).
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from queue import SimpleQueue
+from typing import Any
 
-__all__ = ["ThreadRunner"]
+__all__ = ["Slot", "ThreadRunner"]
 
 
 class ThreadRunner:
@@ -47,3 +53,17 @@ class ThreadRunner:
             if job is None:
                 return
             job()
+
+
+class Slot:
+    """One replica of the model and the thread it runs on (None for an async model)."""
+
+    __slots__ = ("batch", "deadline", "fn", "generation", "index", "runner")
+
+    def __init__(self, index: int, fn: Callable[[Any], Any], runner: ThreadRunner | None) -> None:
+        self.index = index
+        self.fn = fn
+        self.runner = runner
+        self.generation = 0  # bumped when a hung thread is abandoned: its late results are ignored
+        self.batch: list[Any] | None = None  # the requests it runs now
+        self.deadline: float | None = None  # when the running batch counts as hung

@@ -2,10 +2,57 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["BatcherStats"]
+__all__ = ["BatcherStats", "LatencySummary", "LatencyWindow"]
+
+WINDOW = 10_000
+"""How many recent samples the latency summaries are computed over."""
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """Percentiles of the most recent samples of one duration, in milliseconds."""
+
+    count: int
+    """Samples in the window (at most the last 10,000)."""
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, samples_ms: Iterable[float]) -> LatencySummary:
+        ordered = sorted(samples_ms)
+        n = len(ordered)
+        if not n:
+            return cls(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+        def rank(q: float) -> float:
+            return ordered[min(n - 1, int(q * n))]
+
+        return cls(n, sum(ordered) / n, rank(0.50), rank(0.90), rank(0.99), ordered[-1])
+
+
+class LatencyWindow:
+    """The last ``WINDOW`` durations recorded (seconds in, milliseconds out)."""
+
+    __slots__ = ("_samples",)
+
+    def __init__(self) -> None:
+        self._samples: deque[float] = deque(maxlen=WINDOW)
+
+    def add(self, seconds: float) -> None:
+        self._samples.append(seconds)
+
+    def extend(self, seconds: Iterable[float]) -> None:
+        self._samples.extend(seconds)
+
+    def summary(self) -> LatencySummary:
+        return LatencySummary.of(s * 1000.0 for s in self._samples)
 
 
 @dataclass(frozen=True)
@@ -40,6 +87,19 @@ class BatcherStats:
     """Requests in a batch that is running now."""
     batch_sizes: Mapping[int, int] = field(default_factory=dict)
     """Histogram: batch size -> number of batches of that size."""
+    queue_wait_ms: LatencySummary = LatencySummary(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    """From ``predict`` to the request's batch being sent to the model."""
+    run_time_ms: LatencySummary = LatencySummary(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    """Per batch: collate, model call and split."""
+    latency_ms: LatencySummary = LatencySummary(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    """From ``predict`` to its answer, for requests answered with a result or an error."""
+    oom_splits: int = 0
+    """Times a batch was halved because the model ran out of memory."""
+    batch_size_limit: int = 0
+    """The largest batch formed now: ``max_batch_size``, lowered by ``allowed_batch_sizes``
+    and by the largest size that fit after an out-of-memory error."""
+    hung_batches: int = 0
+    """Batches that ran past ``run_timeout_ms`` and were abandoned."""
 
     @property
     def mean_batch_size(self) -> float:

@@ -1,0 +1,156 @@
+"""Running one batch: collate → fn → split, with OOM halving, error isolation and padding.
+
+``Executor.run`` is called on a worker thread (``run_async`` on the loop, for an
+async model) and never raises: it returns an ``Outcome`` that the batcher turns
+into answers on the event loop.
+
+Three things can make one batch into several model calls:
+
+* **Out of memory.** If the model raises ``torch.cuda.OutOfMemoryError`` (or
+  ``MemoryError``) on a batch of more than one request, the batch is split in
+  halves and each half retried, recursively down to single requests. The
+  largest size that then fit is reported so the batcher can cap later batches
+  there. A request fails only if it fails alone.
+* **Error isolation** (``on_error="isolate"``). If the model raises on a batch,
+  the batch is bisected the same way to find the poison inputs: only they fail,
+  their batch-mates get results. It costs O(k log n) extra calls for k poison
+  inputs among n, and nothing when no error happens.
+* **Allowed sizes** (``allowed_batch_sizes``). A batch is padded up to the next
+  allowed size (repeating its last input) and the padded rows' outputs are
+  dropped, so a compiled model or a CUDA graph sees only static shapes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from ._collate import Collator
+
+__all__ = ["Executor", "Failed", "Outcome", "is_out_of_memory"]
+
+
+class Failed:
+    """Marks the output of a request that failed on its own (after a split)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class Outcome:
+    """What one batch run produced, handed from the worker thread to the loop."""
+
+    __slots__ = ("error", "fit", "outputs", "seconds", "splits")
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.outputs: list[Any] | None = None  # one per request; a Failed marks a lone failure
+        self.error = error  # set when the whole batch failed
+        self.seconds = 0.0
+        self.fit: int | None = None  # after an OOM: the largest size that then succeeded
+        self.splits = 0  # how many times a (sub-)batch was halved
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for ``MemoryError`` and torch's CUDA out-of-memory error."""
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, torch.cuda.OutOfMemoryError)
+
+
+def _release_cached_memory() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+class Executor:
+    """Runs batches for one batcher; holds no per-batch state."""
+
+    __slots__ = ("_allowed", "_collator", "_isolate")
+
+    def __init__(self, collator: Collator, *, isolate: bool, allowed_sizes: Sequence[int] | None) -> None:
+        self._collator = collator
+        self._isolate = isolate
+        self._allowed = sorted(set(allowed_sizes)) if allowed_sizes else None
+
+    def _pad(self, items: list[Any]) -> list[Any]:
+        allowed = self._allowed
+        if allowed is None:
+            return items
+        size = allowed[bisect.bisect_left(allowed, len(items))]
+        return items + [items[-1]] * (size - len(items))
+
+    def _splittable(self, error: BaseException, n: int, outcome: Outcome) -> bool:
+        if n < 2:
+            return False
+        if is_out_of_memory(error):
+            if outcome.fit is None:
+                outcome.fit = 0
+            _release_cached_memory()
+            return True
+        return self._isolate and isinstance(error, Exception)
+
+    def run(self, fn: Callable[[Any], Any], items: list[Any]) -> Outcome:
+        """Run ``fn`` on ``items`` (splitting as needed); never raises."""
+        outcome = Outcome()
+        start = time.perf_counter()
+        try:
+            outcome.outputs = self._run(fn, items, outcome, top=True)
+        except BaseException as exc:
+            outcome.error = exc
+        outcome.seconds = time.perf_counter() - start
+        return outcome
+
+    def _run(self, fn: Callable[[Any], Any], items: list[Any], outcome: Outcome, *, top: bool) -> list[Any]:
+        collator = self._collator
+        padded = self._pad(items)
+        try:
+            outputs = collator.split(fn(collator.collate(padded)), len(padded))
+        except BaseException as exc:
+            if self._splittable(exc, len(items), outcome):
+                outcome.splits += 1
+                mid = len(items) // 2
+                return self._run(fn, items[:mid], outcome, top=False) + self._run(fn, items[mid:], outcome, top=False)
+            if top:
+                raise
+            return [Failed(exc)] * len(items)
+        if outcome.fit is not None:
+            outcome.fit = max(outcome.fit, len(items))
+        return list(outputs[: len(items)])
+
+    async def run_async(self, fn: Callable[[Any], Awaitable[Any]], items: list[Any]) -> Outcome:
+        """``run`` for an async model, awaited on the event loop."""
+        outcome = Outcome()
+        start = time.perf_counter()
+        try:
+            outcome.outputs = await self._run_async(fn, items, outcome, top=True)
+        except Exception as exc:
+            outcome.error = exc
+        outcome.seconds = time.perf_counter() - start
+        return outcome
+
+    async def _run_async(
+        self, fn: Callable[[Any], Awaitable[Any]], items: list[Any], outcome: Outcome, *, top: bool
+    ) -> list[Any]:
+        collator = self._collator
+        padded = self._pad(items)
+        try:
+            outputs = collator.split(await fn(collator.collate(padded)), len(padded))
+        except Exception as exc:
+            if self._splittable(exc, len(items), outcome):
+                outcome.splits += 1
+                mid = len(items) // 2
+                first = await self._run_async(fn, items[:mid], outcome, top=False)
+                return first + await self._run_async(fn, items[mid:], outcome, top=False)
+            if top:
+                raise
+            return [Failed(exc)] * len(items)
+        if outcome.fit is not None:
+            outcome.fit = max(outcome.fit, len(items))
+        return list(outputs[: len(items)])
