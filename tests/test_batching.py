@@ -38,6 +38,22 @@ async def gather(batcher: batchkit.Batcher[Any, Any], inputs: list[Any], **kwarg
     return results
 
 
+async def gather_settled(batcher: batchkit.Batcher[Any, Any], inputs: list[Any]) -> list[Any]:
+    """Like gather, but each slot holds the result or the exception of its call."""
+    results: list[Any] = [None] * len(inputs)
+
+    async def one(i: int) -> None:
+        try:
+            results[i] = await batcher.predict(inputs[i])
+        except Exception as exc:
+            results[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(inputs)):
+            tg.start_soon(one, i)
+    return results
+
+
 async def test_concurrent_requests_are_batched() -> None:
     model = RecordingModel(lambda b: b * 10)
     async with batchkit.Batcher(model, max_batch_size=8, max_wait_ms=20) as batcher:

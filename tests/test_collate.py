@@ -89,7 +89,7 @@ def test_auto_key_separates_shape_dtype_and_kind() -> None:
     assert auto.key(np.zeros(3)) != auto.key(np.zeros(3, dtype=np.float32))
     assert auto.key(torch.zeros(3)) != auto.key(np.zeros(3, dtype=np.float32))
     assert auto.key(1) == auto.key(2.5) == auto.key(np.float32(1))
-    for bad in ["s", None, [1, 2], {"a": 1}, object(), 1j]:
+    for bad in ["s", None, [1, "x"], {"a": None}, object(), 1j]:
         with pytest.raises(TypeError, match="auto-collate cannot batch"):
             auto.key(bad)
 
@@ -128,7 +128,7 @@ async def test_custom_collator_object_with_a_grouping_key() -> None:
             assert len({len(i) for i in items}) == 1  # only equal lengths together
             return items
 
-        def split(self, output: list[str], n: int) -> list[str]:
+        def split(self, output: list[str], n: int, batch: list[str]) -> list[str]:
             return output
 
     async with batchkit.Batcher(lambda b: [s[::-1] for s in b], max_wait_ms=20, collate=ByLength()) as batcher:

@@ -17,6 +17,7 @@ from ._errors import (
     QueueFullError,
     RequestTimeoutError,
 )
+from ._padding import PaddedBatch, PadSequences, pad_sequences
 from ._stats import BatcherStats, LatencySummary
 
 __version__ = "0.1.0"
@@ -31,8 +32,11 @@ __all__ = [
     "Collator",
     "LatencySummary",
     "ModelTimeoutError",
+    "PadSequences",
+    "PaddedBatch",
     "QueueFullError",
     "RequestTimeoutError",
     "__version__",
     "batch",
+    "pad_sequences",
 ]

@@ -223,6 +223,64 @@ class Batcher(Generic[InT, OutT]):
         self._run_time = LatencyWindow()
         self._latency = LatencyWindow()
 
+    @classmethod
+    def from_module(
+        cls,
+        module: Any,
+        *,
+        device: Any = None,
+        dtype: Any = None,
+        outputs_on: Literal["cpu", "device"] = "cpu",
+        replicas: int | Sequence[Any] = 1,
+        pipeline_depth: int | None = None,
+        **batcher_options: Any,
+    ) -> Batcher[Any, Any]:
+        """Serve a ``torch.nn.Module``: ``await batcher.predict(x)`` runs ``module(batch)``.
+
+        ::
+
+            batcher = Batcher.from_module(model, max_batch_size=64)   # CUDA if present
+            logits = await batcher.predict(torch.randn(3, 224, 224))
+
+        The module runs in eval mode under ``torch.inference_mode()`` on its
+        worker thread(s). Inputs (tensors, arrays, numbers, or dicts / tuples /
+        dataclasses of them) are moved to the device, floating ones cast to the
+        module's dtype; a dict batch is passed as keyword arguments, a tuple as
+        positional arguments. On CUDA each worker has its own stream, inputs are
+        staged in pinned memory and copied asynchronously, and two workers per
+        replica overlap one batch's copies with the other's compute. A batch that
+        runs out of GPU memory is halved and retried (see ``stats().oom_splits``).
+
+        Args:
+            module: the model. A module on the CPU is moved to ``device``.
+            device: where to run; ``None`` keeps an accelerator-resident module
+                where it is, else picks CUDA when available, else the CPU. A
+                module already on another accelerator is an error, not a copy.
+            dtype: the floating dtype inputs are cast to; must match the module's
+                parameters (default: theirs).
+            outputs_on: ``"cpu"`` (default) copies each result back to the host;
+                ``"device"`` leaves it on the device.
+            replicas: how many copies of the module to run side by side, or a
+                list of devices, one copy on each.
+            pipeline_depth: worker threads (and streams) per replica; default 2
+                on CUDA, 1 on the CPU.
+            **batcher_options: any ``Batcher`` option (``max_batch_size``, ...).
+
+        Raises:
+            ValueError: the module's device or dtype does not match the request.
+        """
+        from ._torch import from_module
+
+        return from_module(
+            module,
+            device=device,
+            dtype=dtype,
+            outputs_on=outputs_on,
+            replicas=replicas,
+            pipeline_depth=pipeline_depth,
+            **batcher_options,
+        )
+
     # -- configuration, read-only -------------------------------------------------
 
     @property

@@ -4,18 +4,25 @@ A collator has three jobs:
 
 ``key(item)``
     Runs in ``predict``, on the caller's side. It returns a hashable key; only
-    requests with equal keys are batched together (same shape, same dtype...).
-    It raises ``TypeError`` for an input it cannot batch, so a bad input fails
-    for its own caller only and never reaches a batch.
+    requests with equal keys are batched together (same structure, shapes and
+    dtypes). It raises ``TypeError`` for an input it cannot batch, so a bad input
+    fails for its own caller only and never reaches a batch.
 ``collate(items)``
     Builds the model's input from the items of one group. Runs on the worker
     thread for synchronous models.
-``split(output, n)``
+``split(output, n, batch)``
     Cuts the model's output into ``n`` per-request results, checking its length.
+    ``batch`` is what ``collate`` returned (padding collators need it).
+
+Auto-collate works on *pytrees*: arrays, tensors and numbers (the leaves), nested
+in dicts, tuples, lists, namedtuples and dataclasses. Leaves are stacked on a new
+first axis, containers are rebuilt around them; outputs of the same kinds are
+split back leaf by leaf.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Protocol, Union
@@ -24,17 +31,36 @@ import numpy as np
 
 from ._errors import BatchSizeMismatchError
 
-__all__ = ["AutoCollate", "CollateArg", "Collator", "CustomCollate", "ListCollate", "make_collator"]
+__all__ = [
+    "AutoCollate",
+    "CollateArg",
+    "Collator",
+    "CustomCollate",
+    "ListCollate",
+    "make_collator",
+    "mismatch_error",
+    "not_a_batch_error",
+]
 
 
 class Collator(Protocol):
-    """What a batcher needs to turn items into a batch and back."""
+    """What a batcher needs to turn items into a batch and back.
 
-    def key(self, item: Any) -> Hashable: ...
+    Pass an object with these three methods as ``Batcher(collate=...)`` to take
+    full control; ``key`` decides which requests may share a batch.
+    """
 
-    def collate(self, items: list[Any]) -> Any: ...
+    def key(self, item: Any) -> Hashable:
+        """A hashable grouping key for ``item``; raise ``TypeError`` to refuse it."""
+        ...
 
-    def split(self, output: Any, n: int) -> Sequence[Any]: ...
+    def collate(self, items: list[Any]) -> Any:
+        """The model's input for ``items`` (all with equal keys)."""
+        ...
+
+    def split(self, output: Any, n: int, batch: Any) -> Sequence[Any]:
+        """``n`` per-request results from the model's ``output`` for ``batch``."""
+        ...
 
 
 CollateArg = Union[
@@ -45,10 +71,17 @@ CollateArg = Union[
 ]
 
 
-def _mismatch(got: int, want: int) -> BatchSizeMismatchError:
+def mismatch_error(got: int, want: int) -> BatchSizeMismatchError:
     return BatchSizeMismatchError(
         f"the model returned a batch of {got} outputs for a batch of {want} inputs; "
         f"it must return exactly one output per input"
+    )
+
+
+def not_a_batch_error(output: Any, n: int) -> BatchSizeMismatchError:
+    return BatchSizeMismatchError(
+        f"the model returned {type(output).__qualname__} {output!r:.60}, "
+        f"expected a batch of {n} outputs (an array, tensor or sequence)"
     )
 
 
@@ -61,77 +94,161 @@ _NUMBER_TYPES = (int, float, bool, np.integer, np.floating, np.bool_)
 _NUMBER_KEY = ("number",)
 
 
-class AutoCollate:
-    """Stack numpy arrays, torch tensors or Python numbers on a new first axis.
-
-    Arrays are grouped by ``(shape, dtype)`` and tensors by
-    ``(shape, dtype, device)``; numbers of any kind form one group and become a
-    1-D numpy array. The output is split along its first axis: row ``i`` goes to
-    request ``i`` (a view for arrays, ``tensor.unbind(0)`` for tensors); a list
-    or tuple of outputs is accepted as well.
-    """
-
-    def key(self, item: Any) -> Hashable:
-        if type(item) is np.ndarray:
-            return ("numpy", item.shape, item.dtype)
-        if isinstance(item, _NUMBER_TYPES):
-            return _NUMBER_KEY
-        torch = _torch()
-        if torch is not None and isinstance(item, torch.Tensor):
-            return ("torch", tuple(item.shape), item.dtype, item.device)
-        if isinstance(item, np.ndarray):
-            return ("numpy", item.shape, item.dtype)
-        raise TypeError(
-            f"auto-collate cannot batch an input of type {type(item).__qualname__}; "
-            "pass a numpy array, a torch tensor or a number, or give the Batcher "
-            "collate=None (the model gets a list) or a custom (collate, split) pair"
-        )
-
-    def collate(self, items: list[Any]) -> Any:
-        first = items[0]
-        if isinstance(first, np.ndarray):
-            return np.stack(items)
-        if isinstance(first, _NUMBER_TYPES):
-            return np.asarray(items)
-        torch = _torch()
-        assert torch is not None
-        return torch.stack(items)
-
-    def split(self, output: Any, n: int) -> Sequence[Any]:
-        if isinstance(output, np.ndarray):
-            if output.ndim == 0:
-                raise _not_a_batch(output, n)
-            if output.shape[0] != n:
-                raise _mismatch(output.shape[0], n)
-            return list(output)
-        torch = _torch()
-        if torch is not None and isinstance(output, torch.Tensor):
-            if output.dim() == 0:
-                raise _not_a_batch(output, n)
-            if output.shape[0] != n:
-                raise _mismatch(output.shape[0], n)
-            rows: Sequence[Any] = output.unbind(0)
-            return rows
-        return _split_sequence(output, n)
+def _leaf_key(item: Any) -> Hashable | None:
+    """The key of an array, tensor or number; None if ``item`` is not a leaf."""
+    if isinstance(item, np.ndarray):
+        return ("numpy", item.shape, item.dtype)
+    if isinstance(item, _NUMBER_TYPES):
+        return _NUMBER_KEY
+    torch = _torch()
+    if torch is not None and isinstance(item, torch.Tensor):
+        return ("torch", tuple(item.shape), item.dtype, item.device)
+    return None
 
 
-def _not_a_batch(output: Any, n: int) -> BatchSizeMismatchError:
-    return BatchSizeMismatchError(
-        f"the model returned {type(output).__qualname__} {output!r:.60}, "
-        f"expected a batch of {n} outputs (an array, tensor or sequence)"
+def _is_namedtuple(item: Any) -> bool:
+    return isinstance(item, tuple) and hasattr(type(item), "_fields")
+
+
+def _is_dataclass_instance(item: Any) -> bool:
+    return dataclasses.is_dataclass(item) and not isinstance(item, type)
+
+
+def _tree_key(item: Any, path: str) -> Hashable:
+    leaf = _leaf_key(item)
+    if leaf is not None:
+        return leaf
+    kind = type(item)
+    if kind is dict:
+        return ("dict", tuple((k, _tree_key(v, f"{path}[{k!r}]")) for k, v in item.items()))
+    if _is_namedtuple(item):
+        return (kind, tuple(_tree_key(v, f"{path}.{f}") for f, v in zip(kind._fields, item, strict=True)))
+    if kind is tuple or kind is list:
+        return (kind, tuple(_tree_key(v, f"{path}[{i}]") for i, v in enumerate(item)))
+    if _is_dataclass_instance(item):
+        return (kind, tuple(_tree_key(getattr(item, f.name), f"{path}.{f.name}") for f in dataclasses.fields(item)))
+    where = f" at {path}" if path != "input" else ""
+    raise TypeError(
+        f"auto-collate cannot batch an input of type {kind.__qualname__}{where}; it batches numpy arrays, "
+        "torch tensors and numbers, alone or nested in dicts, tuples, lists, namedtuples and dataclasses. "
+        "Give the Batcher collate=None (the model gets a list) or your own collate"
     )
 
 
-def _split_sequence(output: Any, n: int) -> Sequence[Any]:
+def _stack(items: list[Any]) -> Any:
+    first = items[0]
+    if isinstance(first, np.ndarray):
+        return np.stack(items)
+    if isinstance(first, _NUMBER_TYPES):
+        return np.asarray(items)
+    torch = _torch()
+    if torch is not None and isinstance(first, torch.Tensor):
+        return torch.stack(items)
+    kind = type(first)
+    if kind is dict:
+        return {k: _stack([item[k] for item in items]) for k in first}
+    if _is_namedtuple(first):
+        return kind(*(_stack(list(column)) for column in zip(*items, strict=True)))
+    if kind is tuple or kind is list:
+        return kind(_stack(list(column)) for column in zip(*items, strict=True))
+    return dataclasses.replace(
+        first, **{f.name: _stack([getattr(item, f.name) for item in items]) for f in dataclasses.fields(first)}
+    )
+
+
+def _rows(output: Any, n: int) -> Sequence[Any] | None:
+    """Split an array or tensor along its first axis; None if ``output`` is neither."""
+    if isinstance(output, np.ndarray):
+        if output.ndim == 0:
+            raise not_a_batch_error(output, n)
+        if output.shape[0] != n:
+            raise mismatch_error(output.shape[0], n)
+        return list(output)
+    torch = _torch()
+    if torch is not None and isinstance(output, torch.Tensor):
+        if output.dim() == 0:
+            raise not_a_batch_error(output, n)
+        if output.shape[0] != n:
+            raise mismatch_error(output.shape[0], n)
+        rows: Sequence[Any] = output.unbind(0)
+        return rows
+    return None
+
+
+def _has_batched_leaves(output: Any) -> bool:
+    if _leaf_key(output) is not None:
+        return not isinstance(output, _NUMBER_TYPES)
+    if isinstance(output, dict):
+        return bool(output) and all(_has_batched_leaves(v) for v in output.values())
+    if isinstance(output, (tuple, list)):
+        return bool(output) and all(v is None or _has_batched_leaves(v) for v in output)
+    if _is_dataclass_instance(output):
+        return all(_has_batched_leaves(getattr(output, f.name)) for f in dataclasses.fields(output))
+    return False
+
+
+def _unstack(output: Any, n: int) -> list[Any]:
+    """Per-request structures from a structure of batched leaves."""
+    rows = _rows(output, n)
+    if rows is not None:
+        return list(rows)
+    if output is None:
+        return [None] * n
+    kind = type(output)
+    if isinstance(output, dict):
+        by_key = {k: _unstack(v, n) for k, v in output.items()}
+        return [kind({k: column[i] for k, column in by_key.items()}) for i in range(n)]
+    if _is_namedtuple(output):
+        return [kind(*row) for row in zip(*(_unstack(v, n) for v in output), strict=True)]
+    if isinstance(output, (tuple, list)):
+        return [kind(row) for row in zip(*(_unstack(v, n) for v in output), strict=True)]
+    if _is_dataclass_instance(output):
+        names = [f.name for f in dataclasses.fields(output)]
+        columns = [_unstack(getattr(output, name), n) for name in names]
+        return [dataclasses.replace(output, **dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
+    raise not_a_batch_error(output, n)
+
+
+def split_sequence(output: Any, n: int) -> Sequence[Any]:
+    """Check that ``output`` is a sequence of ``n`` per-request results."""
     if isinstance(output, (list, tuple)):
         results: Sequence[Any] = output
     elif isinstance(output, (str, bytes, dict)) or not hasattr(output, "__iter__"):
-        raise _not_a_batch(output, n)
+        raise not_a_batch_error(output, n)
     else:
         results = list(output)
     if len(results) != n:
-        raise _mismatch(len(results), n)
+        raise mismatch_error(len(results), n)
     return results
+
+
+class AutoCollate:
+    """Stack arrays, tensors and numbers, alone or nested, on a new first axis.
+
+    Inputs are keyed by structure and by each leaf's shape and dtype (and device,
+    for tensors), so only inputs that can be stacked share a batch. Numbers
+    become 1-D numpy arrays. The output is split along its first axis: an array
+    or tensor row by row (views; ``tensor.unbind(0)``), a dict, tuple, namedtuple
+    or dataclass of batched arrays/tensors leaf by leaf (rebuilding the container
+    for each request). A *list* output is taken as the per-request results
+    themselves, as is a tuple whose items are not all batched arrays.
+    """
+
+    def key(self, item: Any) -> Hashable:
+        if type(item) is np.ndarray:  # the hot path, first
+            return ("numpy", item.shape, item.dtype)
+        return _tree_key(item, "input")
+
+    def collate(self, items: list[Any]) -> Any:
+        return _stack(items)
+
+    def split(self, output: Any, n: int, batch: Any) -> Sequence[Any]:
+        rows = _rows(output, n)
+        if rows is not None:
+            return rows
+        if isinstance(output, list) or not _has_batched_leaves(output):
+            return split_sequence(output, n)
+        return _unstack(output, n)
 
 
 class ListCollate:
@@ -143,8 +260,8 @@ class ListCollate:
     def collate(self, items: list[Any]) -> Any:
         return items
 
-    def split(self, output: Any, n: int) -> Sequence[Any]:
-        return _split_sequence(output, n)
+    def split(self, output: Any, n: int, batch: Any) -> Sequence[Any]:
+        return split_sequence(output, n)
 
 
 class CustomCollate:
@@ -164,8 +281,8 @@ class CustomCollate:
     def collate(self, items: list[Any]) -> Any:
         return self._collate(items)
 
-    def split(self, output: Any, n: int) -> Sequence[Any]:
-        return _split_sequence(self._split(output), n)
+    def split(self, output: Any, n: int, batch: Any) -> Sequence[Any]:
+        return split_sequence(self._split(output), n)
 
 
 def make_collator(collate: CollateArg) -> Collator:

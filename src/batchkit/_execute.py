@@ -111,7 +111,8 @@ class Executor:
         collator = self._collator
         padded = self._pad(items)
         try:
-            outputs = collator.split(fn(collator.collate(padded)), len(padded))
+            batch = collator.collate(padded)
+            outputs = collator.split(fn(batch), len(padded), batch)
         except BaseException as exc:
             if self._splittable(exc, len(items), outcome):
                 outcome.splits += 1
@@ -141,7 +142,8 @@ class Executor:
         collator = self._collator
         padded = self._pad(items)
         try:
-            outputs = collator.split(await fn(collator.collate(padded)), len(padded))
+            batch = collator.collate(padded)
+            outputs = collator.split(await fn(batch), len(padded), batch)
         except Exception as exc:
             if self._splittable(exc, len(items), outcome):
                 outcome.splits += 1

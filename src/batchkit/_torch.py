@@ -1,0 +1,197 @@
+"""Serving a ``torch.nn.Module``: placement, inference mode, CUDA streams, pinned memory.
+
+``Batcher.from_module`` builds one *slot function* per (replica, pipeline stage):
+
+* Each replica is a copy of the module on one device (the module itself first).
+* On CUDA, each slot has its own CUDA stream and its own worker thread, and a
+  replica gets ``pipeline_depth`` slots (2 by default): while one slot's batch
+  computes, the next slot collates its batch, stages it in pinned host memory
+  and copies it to the device on its own stream, so the GPU is not left idle
+  between batches. Results are synchronized on the slot's stream before they are
+  released to callers.
+* On the CPU there is nothing to overlap: one slot per replica.
+
+Inputs may be any pytree of tensors, arrays and numbers; tensors are moved to the
+device and floating ones cast to the module's dtype (a float64 numpy input to a
+float32 model is the most common crash in serving code). A dict is passed as
+keyword arguments, a plain tuple as positional arguments, anything else as the
+single argument. Outputs come back on the CPU unless ``outputs_on="device"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from ._batcher import Batcher
+
+__all__ = ["ModuleFn", "from_module"]
+
+DeviceLike = str | torch.device
+
+
+def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """Apply ``fn`` to each leaf of a pytree, rebuilding its containers."""
+    if isinstance(tree, dict):
+        return type(tree)((k, _map(fn, v)) for k, v in tree.items())
+    if isinstance(tree, tuple) and hasattr(type(tree), "_fields"):
+        return type(tree)(*(_map(fn, v) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_map(fn, v) for v in tree)
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return dataclasses.replace(
+            tree, **{f.name: _map(fn, getattr(tree, f.name)) for f in dataclasses.fields(tree) if f.init}
+        )
+    return fn(tree)
+
+
+class ModuleFn:
+    """One slot's batch function: moves a batch to the device, runs the module, brings results back."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        outputs_on: Literal["cpu", "device"],
+    ) -> None:
+        self.module = module
+        self.device = device
+        self.dtype = dtype
+        self.outputs_on = outputs_on
+        self.stream: Any = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
+
+    def _to_device(self, leaf: Any) -> Any:
+        if isinstance(leaf, np.ndarray):
+            leaf = torch.from_numpy(np.ascontiguousarray(leaf))
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        dtype = self.dtype if self.dtype is not None and leaf.is_floating_point() else None
+        if self.stream is not None and leaf.device.type == "cpu":
+            leaf = leaf.pin_memory()  # staging buffer: lets the copy run asynchronously
+        return leaf.to(device=self.device, dtype=dtype, non_blocking=True)
+
+    def _to_host(self, leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.device.type != "cpu":
+            return leaf.to("cpu", non_blocking=True)
+        return leaf
+
+    def _call(self, batch: Any) -> Any:
+        inputs = _map(self._to_device, batch)
+        if type(inputs) is dict:
+            output = self.module(**inputs)
+        elif type(inputs) is tuple:
+            output = self.module(*inputs)
+        else:
+            output = self.module(inputs)
+        if self.outputs_on == "cpu":
+            output = _map(self._to_host, output)
+        return output
+
+    def __call__(self, batch: Any) -> Any:
+        with torch.inference_mode():
+            if self.stream is None:
+                return self._call(batch)
+            with torch.cuda.stream(self.stream):
+                output = self._call(batch)
+            self.stream.synchronize()  # inputs copied, compute and copies back done
+            if self.outputs_on == "device":
+                consumer = torch.cuda.default_stream(self.device)
+                _map(lambda t: t.record_stream(consumer) if isinstance(t, torch.Tensor) else t, output)
+            return output
+
+
+def _placement(module: torch.nn.Module) -> tuple[set[torch.device], set[torch.dtype]]:
+    devices = {t.device for t in module.parameters()} | {t.device for t in module.buffers()}
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    return devices, dtypes
+
+
+def _resolve_device(module: torch.nn.Module, device: DeviceLike | None) -> torch.device:
+    devices, _ = _placement(module)
+    if len(devices) > 1:
+        raise ValueError(
+            f"the module's parameters span several devices ({', '.join(sorted(map(str, devices)))}); "
+            "from_module serves a module that lives on one device"
+        )
+    current = next(iter(devices)) if devices else torch.device("cpu")
+    if current.type == "meta":
+        raise ValueError("the module's parameters are on the meta device: load its weights before serving it")
+    if device is None:
+        if current.type != "cpu":
+            return current
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else current
+    target = torch.device(device)
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here")
+        if target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+    if current.type != "cpu" and current != target:
+        raise ValueError(
+            f"the module is on {current} but device={str(device)!r}; "
+            "move it yourself (module.to(...)) or leave device=None to serve it where it is"
+        )
+    return target
+
+
+def _resolve_dtype(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
+    _, dtypes = _placement(module)
+    if dtype is None:
+        return next(iter(dtypes)) if len(dtypes) == 1 else None
+    if dtypes and dtypes != {dtype}:
+        have = ", ".join(sorted(str(d) for d in dtypes))
+        raise ValueError(
+            f"the module's parameters are {have} but dtype={dtype}; convert the module first "
+            "(for example module.to(dtype)) or leave dtype=None to use the module's own"
+        )
+    return dtype
+
+
+def from_module(
+    module: torch.nn.Module,
+    *,
+    device: DeviceLike | None = None,
+    dtype: torch.dtype | None = None,
+    outputs_on: Literal["cpu", "device"] = "cpu",
+    replicas: int | Sequence[DeviceLike] = 1,
+    pipeline_depth: int | None = None,
+    **batcher_options: Any,
+) -> Batcher[Any, Any]:
+    """See ``Batcher.from_module``."""
+    from ._batcher import Batcher
+
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"from_module serves a torch.nn.Module, got {type(module).__qualname__}")
+    if outputs_on not in ("cpu", "device"):
+        raise ValueError(f"outputs_on must be 'cpu' or 'device', got {outputs_on!r}")
+    if isinstance(replicas, int):
+        if replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {replicas}")
+        primary = _resolve_device(module, device)
+        placements = [primary] * replicas
+    else:
+        placements = [_resolve_device(module, d) if i == 0 else torch.device(d) for i, d in enumerate(replicas)]
+        if not placements:
+            raise ValueError("replicas must name at least one device")
+    input_dtype = _resolve_dtype(module, dtype)
+    if pipeline_depth is None:
+        pipeline_depth = 2 if placements[0].type == "cuda" else 1
+    if pipeline_depth < 1:
+        raise ValueError(f"pipeline_depth must be at least 1, got {pipeline_depth}")
+
+    fns: list[Callable[[Any], Any]] = []
+    for index, place in enumerate(placements):
+        copy_ = module if index == 0 else copy.deepcopy(module)
+        copy_ = copy_.to(place).eval()
+        fns.extend(ModuleFn(copy_, place, input_dtype, outputs_on) for _ in range(pipeline_depth))
+    batcher_options.setdefault("name", type(module).__qualname__)
+    batcher: Batcher[Any, Any] = Batcher(fns[0], replicas=len(fns), **batcher_options)
+    batcher._replica_fns = fns
+    return batcher

@@ -1,0 +1,235 @@
+"""Batcher.from_module: serving a torch.nn.Module on the CPU here, on CUDA where present."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import batchkit
+from tests.test_batching import gather, gather_settled
+
+pytestmark = pytest.mark.anyio
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+class Probe(nn.Module):
+    """Records how it is called: batch sizes, inference mode, training flag, thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.calls: list[dict[str, Any]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(
+            {
+                "size": len(x),
+                "inference": torch.is_inference_mode_enabled(),
+                "training": self.training,
+                "thread": threading.get_ident(),
+                "dtype": x.dtype,
+            }
+        )
+        return self.linear(x)
+
+
+async def test_serves_a_module_with_one_line_and_matches_the_unbatched_output() -> None:
+    model = mlp()
+    inputs = [torch.randn(8) for _ in range(20)]
+    with torch.no_grad():
+        expected = [model(x[None])[0] for x in inputs]
+    async with batchkit.Batcher.from_module(model, max_batch_size=8, max_wait_ms=20) as batcher:
+        results = await gather(batcher, inputs)
+        stats = batcher.stats()
+    for r, e in zip(results, expected, strict=True):
+        assert r.device.type == "cpu"
+        assert torch.allclose(r, e, atol=1e-6)
+    assert stats.batches < 20
+    assert stats.batch_sizes.keys() <= set(range(1, 9))
+
+
+async def test_runs_in_eval_and_inference_mode_off_the_event_loop() -> None:
+    probe = Probe().train()
+    async with batchkit.Batcher.from_module(probe, max_wait_ms=20) as batcher:
+        await gather(batcher, [torch.randn(4) for _ in range(5)])
+    assert probe.calls
+    assert all(c["inference"] and not c["training"] for c in probe.calls)
+    assert all(c["thread"] != threading.get_ident() for c in probe.calls)
+
+
+async def test_numpy_float64_inputs_are_cast_to_the_module_dtype() -> None:
+    probe = Probe()
+    async with batchkit.Batcher.from_module(probe, max_wait_ms=20) as batcher:
+        result = await batcher.predict(np.ones(4, dtype=np.float64))
+    assert probe.calls[0]["dtype"] == torch.float32
+    assert result.dtype == torch.float32
+
+
+async def test_dict_inputs_become_keyword_arguments_and_dict_outputs_are_split() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, tokens: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"weighted": (tokens * weights).sum(dim=1) * self.scale, "first": tokens[:, 0]}
+
+    inputs = [{"tokens": torch.full((3,), float(i)), "weights": torch.ones(3)} for i in range(6)]
+    async with batchkit.Batcher.from_module(TwoInputs(), max_wait_ms=20) as batcher:
+        results = await gather(batcher, inputs)
+    for i, r in enumerate(results):
+        assert set(r) == {"weighted", "first"}
+        assert r["weighted"].item() == pytest.approx(6.0 * i)
+        assert r["first"].item() == pytest.approx(float(i))
+
+
+async def test_tuple_inputs_become_positional_arguments() -> None:
+    class Add(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a + b
+
+    async with batchkit.Batcher.from_module(Add(), max_wait_ms=20) as batcher:
+        results = await gather(batcher, [(torch.tensor([1.0]), torch.tensor([float(i)])) for i in range(4)])
+    assert [r.item() for r in results] == [1.0, 2.0, 3.0, 4.0]
+
+
+async def test_replicas_are_independent_copies_that_all_serve() -> None:
+    probe = Probe()
+    entered = threading.Barrier(2, timeout=10)
+
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = probe
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            entered.wait()  # both replicas must be running at once to pass
+            return self.inner(x)
+
+    model = Slow()
+    async with batchkit.Batcher.from_module(model, replicas=2, max_batch_size=1, max_wait_ms=0) as batcher:
+        with anyio.fail_after(20):
+            results = await gather(batcher, [torch.randn(4) for _ in range(4)])
+    assert len(results) == 4
+    assert len(probe.calls) == 2  # the first replica is the module itself; the copy has its own Probe
+    assert len({c["thread"] for c in probe.calls}) == 1
+
+
+async def test_allowed_batch_sizes_with_a_module() -> None:
+    probe = Probe()
+    async with batchkit.Batcher.from_module(probe, max_wait_ms=20, allowed_batch_sizes=(4, 8)) as batcher:
+        results = await gather(batcher, [torch.randn(4) for _ in range(5)])
+    assert len(results) == 5
+    assert {c["size"] for c in probe.calls} <= {4, 8}
+
+
+async def test_a_sequence_model_with_padding() -> None:
+    class Tagger(nn.Module):
+        """Token ids -> per-token tag scores, with a GRU: padding must not leak into results."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(50, 8, padding_idx=0)
+            self.rnn = nn.GRU(8, 8, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, batch: batchkit.PaddedBatch) -> torch.Tensor:
+            packed = nn.utils.rnn.pack_padded_sequence(
+                self.embed(batch.values), batch.lengths.cpu(), batch_first=True, enforce_sorted=False
+            )
+            out, _ = self.rnn(packed)
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=batch.values.shape[1])
+            return self.head(out)
+
+    model = Tagger()
+    sentences = [torch.randint(1, 50, (n,)) for n in (5, 2, 9, 1, 6)]
+    with torch.inference_mode():
+        expected = [model(batchkit.PaddedBatch(s[None], torch.tensor([len(s)]), None))[0] for s in sentences]
+    async with batchkit.Batcher.from_module(
+        model, max_wait_ms=30, collate=batchkit.pad_sequences(multiple_of=4)
+    ) as batcher:
+        results = await gather(batcher, sentences)
+    for s, r, e in zip(sentences, results, expected, strict=True):
+        assert r.shape == (len(s), 3)
+        assert torch.allclose(r, e, atol=1e-5)
+
+
+def test_dtype_mismatch_is_a_clear_error_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"parameters are torch.float32 but dtype=torch.float16"):
+        batchkit.Batcher.from_module(mlp(), dtype=torch.float16)
+
+
+def test_meta_device_and_missing_cuda_are_clear_errors() -> None:
+    with torch.device("meta"):
+        ghost = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="meta device"):
+        batchkit.Batcher.from_module(ghost)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            batchkit.Batcher.from_module(mlp(), device="cuda")
+
+
+def test_from_module_checks_its_arguments() -> None:
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        batchkit.Batcher.from_module(lambda x: x)
+    with pytest.raises(ValueError, match="outputs_on"):
+        batchkit.Batcher.from_module(mlp(), outputs_on="gpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="replicas must be at least 1"):
+        batchkit.Batcher.from_module(mlp(), replicas=0)
+
+
+async def test_bad_input_to_a_module_fails_for_its_caller_only() -> None:
+    async with batchkit.Batcher.from_module(mlp(), max_wait_ms=20) as batcher:
+        outcomes = await gather_settled(batcher, [torch.randn(8), "text", torch.randn(8)])
+    assert isinstance(outcomes[1], TypeError)
+    assert outcomes[0].shape == outcomes[2].shape == (4,)
+
+
+@cuda
+@pytest.mark.cuda
+async def test_cuda_streams_pinned_staging_and_results_on_the_host() -> None:
+    model = mlp()
+    inputs = [torch.randn(8) for _ in range(64)]
+    with torch.no_grad():
+        expected = [model(x[None])[0] for x in inputs]
+    batcher = batchkit.Batcher.from_module(model, max_batch_size=16, max_wait_ms=5)
+    slot_fns = batcher._replica_fns
+    assert len(slot_fns) == 2  # pipeline_depth 2 on CUDA
+    assert all(fn.stream is not None for fn in slot_fns)  # type: ignore[attr-defined]
+    assert slot_fns[0].stream is not slot_fns[1].stream  # type: ignore[attr-defined]
+    assert next(model.parameters()).is_cuda
+    async with batcher:
+        results = await gather(batcher, inputs)
+    for r, e in zip(results, expected, strict=True):
+        assert r.device.type == "cpu"
+        assert torch.allclose(r, e.cpu(), atol=1e-4)
+
+
+@cuda
+@pytest.mark.cuda
+async def test_cuda_out_of_memory_halves_the_batch() -> None:
+    class Hungry(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if len(x) > 4:
+                torch.empty(1 << 46, dtype=torch.uint8, device=x.device)  # 64 TiB: a real OOM
+            return x * 2
+
+    async with batchkit.Batcher.from_module(Hungry(), device="cuda", max_batch_size=16, max_wait_ms=20) as batcher:
+        results = await gather(batcher, [torch.full((2,), float(i)) for i in range(16)])
+        stats = batcher.stats()
+    assert [r[0].item() for r in results] == [2.0 * i for i in range(16)]
+    assert stats.oom_splits >= 2
+    assert stats.batch_size_limit == 4
