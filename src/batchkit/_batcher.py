@@ -30,7 +30,8 @@ from ._backend import Backend, current_backend
 from ._collate import CollateArg, make_collator
 from ._errors import BatcherClosedError, ModelTimeoutError, QueueFullError, RequestTimeoutError
 from ._execute import Executor, Failed, Outcome
-from ._policy import FixedWait
+from ._padding import PadSequences
+from ._policy import AdaptiveWait, ArrivalRate, CostModel, FixedWait, FlushPolicy
 from ._queue import CANCELLED, DONE, QUEUED, RUNNING, TIMED_OUT, Request, RequestQueue
 from ._runner import Slot, ThreadRunner
 from ._stats import BatcherStats, LatencyWindow
@@ -117,7 +118,8 @@ class Batcher(Generic[InT, OutT]):
         max_batch_size: the largest batch ``fn`` is given.
         max_wait_ms: the longest the oldest queued request waits for batch-mates
             before its batch is sent anyway. ``0`` sends whatever is queued as
-            soon as the worker is free.
+            soon as the worker is free. ``"auto"`` learns the model's cost per
+            batch and the arrival rate, and waits only while that pays off.
         max_queue_size: queued requests beyond this are refused at once with
             ``QueueFullError``, bounding memory under overload.
         timeout_ms: default deadline of each ``predict`` call (``None``: none).
@@ -128,6 +130,23 @@ class Batcher(Generic[InT, OutT]):
             and expects a sequence back. A ``(collate, split)`` pair of callables,
             or an object with ``key``, ``collate`` and ``split`` methods, is used
             as given.
+        on_error: ``"isolate"`` bisects a batch whose model call raised, so that
+            only the inputs that fail on their own get the error.
+        run_timeout_ms: a batch running longer fails with ``ModelTimeoutError``
+            (a synchronous model's thread is replaced, an async one cancelled).
+        allowed_batch_sizes: pad every batch up to the next of these sizes
+            (static shapes for compiled models); padded outputs are dropped.
+        replicas: worker threads running a synchronous ``fn`` side by side.
+        max_concurrent_batches: batches an async ``fn`` may run at once.
+        max_latency_ms: with ``max_wait_ms="auto"``, a budget the adaptive wait
+            keeps to (from a request's arrival to its batch's expected end).
+        batch_cost: the cost of one input (say, its number of tokens); with
+            ``max_batch_cost``, a batch stops growing before its cost would
+            exceed it. With ``pad_sequences()`` a batch costs its size times its
+            largest input's cost, as padding makes it.
+        max_batch_cost: the cost budget of one batch.
+        priority_aging_ms: how much waiting one level of ``priority`` is worth
+            (see ``predict``).
         name: shown in the worker thread's name and in logs.
 
     The batcher starts on its first ``predict`` (or ``async with``) and is bound
@@ -143,7 +162,7 @@ class Batcher(Generic[InT, OutT]):
         fn: Callable[[Any], Any],
         *,
         max_batch_size: int = 32,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float | Literal["auto"] = 2.0,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
         timeout_ms: float | None = None,
         collate: CollateArg = "auto",
@@ -152,14 +171,23 @@ class Batcher(Generic[InT, OutT]):
         allowed_batch_sizes: Sequence[int] | None = None,
         replicas: int = 1,
         max_concurrent_batches: int = 1,
+        max_latency_ms: float | None = None,
+        batch_cost: Callable[[Any], float] | None = None,
+        max_batch_cost: float | None = None,
+        priority_aging_ms: float = 1000.0,
         name: str | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__qualname__}")
-        self._max_batch_size = _check_positive_int("max_batch_size", max_batch_size)
-        self._max_wait_ms = _check_ms("max_wait_ms", max_wait_ms, allow_zero=True)
-        self._max_queue_size = _check_positive_int("max_queue_size", max_queue_size)
-        self._timeout_ms = None if timeout_ms is None else _check_ms("timeout_ms", timeout_ms, allow_zero=False)
+        if batch_cost is not None and not callable(batch_cost):
+            raise TypeError("batch_cost must be a callable: input -> cost")
+        if (batch_cost is None) != (max_batch_cost is None):
+            raise ValueError("batch_cost and max_batch_cost go together")
+        self._batch_cost = batch_cost
+        self._priority_aging = _check_ms("priority_aging_ms", priority_aging_ms, allow_zero=True) / 1000
+        self._max_latency = (
+            None if max_latency_ms is None else _check_ms("max_latency_ms", max_latency_ms, allow_zero=False) / 1000
+        )
         self._run_timeout = (
             None if run_timeout_ms is None else _check_ms("run_timeout_ms", run_timeout_ms, allow_zero=False) / 1000
         )
@@ -172,9 +200,10 @@ class Batcher(Generic[InT, OutT]):
             raise ValueError("replicas is for synchronous models; an async model takes max_concurrent_batches")
         if not self._is_async and max_concurrent_batches != 1:
             raise ValueError("max_concurrent_batches is for async models; a synchronous model takes replicas")
-        allowed = None if allowed_batch_sizes is None else _check_allowed_sizes(allowed_batch_sizes)
+        self._allowed = None if allowed_batch_sizes is None else _check_allowed_sizes(allowed_batch_sizes)
         self._collator = make_collator(collate)
-        self._executor = Executor(self._collator, isolate=on_error == "isolate", allowed_sizes=allowed)
+        self._padded_cost = isinstance(self._collator, PadSequences)
+        self._executor = Executor(self._collator, isolate=on_error == "isolate", allowed_sizes=self._allowed)
         self._options: dict[str, Any] = {
             "max_batch_size": max_batch_size,
             "max_wait_ms": max_wait_ms,
@@ -186,6 +215,10 @@ class Batcher(Generic[InT, OutT]):
             "allowed_batch_sizes": allowed_batch_sizes,
             "replicas": replicas,
             "max_concurrent_batches": max_concurrent_batches,
+            "max_latency_ms": max_latency_ms,
+            "batch_cost": batch_cost,
+            "max_batch_cost": max_batch_cost,
+            "priority_aging_ms": priority_aging_ms,
         }
         self._fn = fn
         self._replica_fns: list[Callable[[Any], Any]] = [fn] * (max_concurrent_batches if self._is_async else replicas)
@@ -193,11 +226,25 @@ class Batcher(Generic[InT, OutT]):
         self._attribute: str | None = None  # set by __set_name__ when used on a class
         functools.update_wrapper(self, fn, updated=())
 
-        # The largest batch to form now: max_batch_size, lowered by allowed_batch_sizes
-        # and by the largest size that fit after an out-of-memory error.
-        self._limit = min(self._max_batch_size, max(allowed)) if allowed else self._max_batch_size
         self._key = self._collator.key
-        self._policy = FixedWait(self._max_wait_ms / 1000.0)
+        self._cost_model = CostModel()
+        self._arrivals = ArrivalRate()
+        self._oom_cap: int | None = None  # the largest size that fit after an out-of-memory error
+        self._max_batch_size = 0
+        self._max_wait_ms: float | Literal["auto"] = 0.0
+        self._max_queue_size = 0
+        self._timeout_ms: float | None = None
+        self._max_batch_cost: float | None = None
+        self._limit = 0  # the largest batch to form now
+        self._slack = 0.0  # how soon a request without a deadline counts as due
+        self._policy: FlushPolicy = FixedWait(0.0)
+        self._apply_settings(
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            max_queue_size=max_queue_size,
+            timeout_ms=timeout_ms,
+            max_batch_cost=max_batch_cost,
+        )
         self._queue = RequestQueue()
         self._backend: Backend | None = None
         self._closing = False
@@ -289,8 +336,8 @@ class Batcher(Generic[InT, OutT]):
         return self._max_batch_size
 
     @property
-    def max_wait_ms(self) -> float:
-        """How long the oldest request may wait for batch-mates."""
+    def max_wait_ms(self) -> float | Literal["auto"]:
+        """How long the oldest request may wait for batch-mates (or ``"auto"``)."""
         return self._max_wait_ms
 
     @property
@@ -317,13 +364,87 @@ class Batcher(Generic[InT, OutT]):
         state = "closed" if self._closing else ("running" if self._backend else "idle")
         return (
             f"<Batcher {self._name} {state} max_batch_size={self._max_batch_size} "
-            f"max_wait_ms={self._max_wait_ms:g} pending={self._queue.live}>"
+            f"max_wait_ms={self._max_wait_ms} pending={self._queue.live}>"
         )
+
+    # -- live reconfiguration -----------------------------------------------------
+
+    def configure(
+        self,
+        *,
+        max_batch_size: int | None = None,
+        max_wait_ms: float | Literal["auto"] | None = None,
+        max_queue_size: int | None = None,
+        timeout_ms: float | Literal[False] | None = False,
+        max_batch_cost: float | None = None,
+    ) -> None:
+        """Change settings while serving; options left out keep their value.
+
+        Safe under load: it runs on the event loop like everything else, takes
+        effect from the next batch on, and wakes the worker so that a batch that
+        a smaller ``max_batch_size`` or wait now makes due goes at once. A lower
+        ``max_queue_size`` does not drop requests already queued. Pass
+        ``timeout_ms=None`` to remove the default deadline (it applies to new
+        requests only).
+        """
+        self._apply_settings(
+            max_batch_size=self._max_batch_size if max_batch_size is None else max_batch_size,
+            max_wait_ms=self._max_wait_ms if max_wait_ms is None else max_wait_ms,
+            max_queue_size=self._max_queue_size if max_queue_size is None else max_queue_size,
+            timeout_ms=self._timeout_ms if timeout_ms is False else timeout_ms,
+            max_batch_cost=self._max_batch_cost if max_batch_cost is None else max_batch_cost,
+        )
+        logger.info("batcher %r reconfigured: %r", self._name, self)
+        self._wake()
+
+    def _apply_settings(
+        self,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float | Literal["auto"],
+        max_queue_size: int,
+        timeout_ms: float | None,
+        max_batch_cost: float | None,
+    ) -> None:
+        max_batch_size = _check_positive_int("max_batch_size", max_batch_size)
+        if max_wait_ms == "auto":
+            policy: FlushPolicy = AdaptiveWait(self._cost_model, self._arrivals, self._max_latency)
+        else:
+            policy = FixedWait(_check_ms("max_wait_ms", max_wait_ms, allow_zero=True) / 1000)
+        max_queue_size = _check_positive_int("max_queue_size", max_queue_size)
+        if timeout_ms is not None:
+            timeout_ms = _check_ms("timeout_ms", timeout_ms, allow_zero=False)
+        if max_batch_cost is not None:
+            if self._batch_cost is None:
+                raise ValueError("max_batch_cost needs a batch_cost function")
+            max_batch_cost = _check_ms("max_batch_cost", max_batch_cost, allow_zero=False)
+        self._max_batch_size = max_batch_size
+        self._max_wait_ms = max_wait_ms if max_wait_ms == "auto" else float(max_wait_ms)
+        self._policy = policy
+        self._max_queue_size = max_queue_size
+        self._timeout_ms = timeout_ms
+        self._slack = 10.0 if timeout_ms is None else timeout_ms / 1000
+        self._max_batch_cost = max_batch_cost
+        self._update_limit()
+
+    def _update_limit(self) -> None:
+        limit = self._max_batch_size
+        if self._allowed:
+            limit = min(limit, self._allowed[-1])
+        if self._oom_cap is not None:
+            limit = min(limit, self._oom_cap)
+        self._limit = limit
 
     # -- the hot path -------------------------------------------------------------
 
-    async def predict(self, x: InT, *, timeout_ms: float | None = None) -> OutT:
+    async def predict(self, x: InT, *, timeout_ms: float | None = None, priority: float = 0) -> OutT:
         """Send one input and wait for its own output.
+
+        ``timeout_ms`` overrides the batcher's default deadline for this call.
+        A higher ``priority`` goes into a batch ahead of lower ones; each level
+        is worth ``priority_aging_ms`` of waiting, so a low-priority request
+        that has waited long enough still goes first (nothing starves). Among
+        equal priorities the earliest deadline goes first.
 
         Raises:
             QueueFullError: ``max_queue_size`` requests are already queued.
@@ -351,30 +472,38 @@ class Batcher(Generic[InT, OutT]):
             raise QueueFullError(
                 f"batcher {self._name!r} has {queue.live} requests queued (max_queue_size={self._max_queue_size})"
             )
+        now = backend.time()
+        plain = timeout_ms is None and not priority
         try:
             key = self._key(x)
+            cost = 1.0 if self._batch_cost is None else float(self._batch_cost(x))
+            if plain:
+                deadline = None if self._timeout_ms is None else now + self._timeout_ms * 0.001
+                urgency = now + self._slack
+            else:
+                deadline = self._deadline(now, timeout_ms)
+                urgency = (now + self._slack if deadline is None else deadline) - priority * self._priority_aging
         except BaseException:
             self._n_failed += 1
             raise
-        now = backend.time()
-        if timeout_ms is None:
-            timeout_ms = self._timeout_ms
-            deadline = None if timeout_ms is None else now + timeout_ms * 0.001
-        else:
-            try:
-                deadline = now + _check_ms("timeout_ms", timeout_ms, allow_zero=False) * 0.001
-            except (TypeError, ValueError):
-                self._n_failed += 1
-                raise
-        request = Request(x, key, now, deadline)
-        size = queue.push(request)
+        request = Request(x, key, now, deadline, urgency, cost)
+        group = queue.push(request, plain=plain)
         wakeup = self._wakeup
-        if wakeup is not None and size >= self._wake_threshold:
+        if wakeup is not None and (
+            group.live >= self._wake_threshold
+            or (self._max_batch_cost is not None and group.cost >= self._max_batch_cost)
+        ):
             self._wakeup = None
             wakeup.set()
         return await backend.wait(request, self)  # type: ignore[no-any-return]
 
     __call__ = predict
+
+    def _deadline(self, now: float, timeout_ms: float | None) -> float | None:
+        if timeout_ms is None:
+            timeout_ms = self._timeout_ms
+            return None if timeout_ms is None else now + timeout_ms * 0.001
+        return now + _check_ms("timeout_ms", timeout_ms, allow_zero=False) * 0.001
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -439,6 +568,7 @@ class Batcher(Generic[InT, OutT]):
     async def _serve(self, backend: Backend) -> None:
         while True:
             now = backend.time()
+            self._arrivals.observe(self._n_requests, now)
             if self._run_timeout is not None:
                 self._abandon_hung_slots(backend, now)
             wake_at: float | None = None
@@ -463,8 +593,10 @@ class Batcher(Generic[InT, OutT]):
         best_key: Any = None
         best_time = math.inf
         wake_at: float | None = None
-        for key, head, size in self._queue.oldest():
-            due = now if size >= self._limit or self._closing else self._policy.flush_at(head, size)
+        max_cost = self._max_batch_cost
+        for key, head, group in self._queue.oldest():
+            full = group.live >= self._limit or (max_cost is not None and group.cost >= max_cost)
+            due = now if full or self._closing else self._policy.flush_at(head, group.live, self._limit)
             if due <= now:
                 if head.enqueued_at < best_time:
                     best_key, best_time = key, head.enqueued_at
@@ -491,11 +623,14 @@ class Batcher(Generic[InT, OutT]):
     def _take(self, backend: Backend, key: Any, now: float) -> list[Request]:
         batch = []
         waits = []
-        for request in self._queue.pop(key, self._limit):
-            if request.deadline is not None and request.deadline <= now:
+        # A request that cannot finish by its deadline (less time left than the
+        # fastest recent batch took) fails now instead of wasting a batch slot.
+        horizon = now + self._cost_model.fastest_recent()
+        for request in self._queue.pop(key, self._limit, self._max_batch_cost, self._padded_cost):
+            if request.deadline is not None and request.deadline <= horizon:
                 request.state = TIMED_OUT
                 self._n_timed_out += 1
-                backend.set_error(request, self._timeout_error(request))
+                backend.set_error(request, self._timeout_error(request, early=request.deadline > now))
             else:
                 request.state = RUNNING
                 batch.append(request)
@@ -550,7 +685,10 @@ class Batcher(Generic[InT, OutT]):
             self._n_oom_splits += outcome.splits
             if outcome.fit < self._limit:
                 logger.warning("batcher %r: out of memory; batches capped at %d", self._name, outcome.fit)
-                self._limit = max(1, outcome.fit)
+                self._oom_cap = max(1, outcome.fit)
+                self._update_limit()
+        elif outcome.error is None:
+            self._cost_model.observe(len(batch), outcome.seconds)
         self._answer(backend, batch, outcome)
 
     def _answer(self, backend: Backend, batch: list[Request], outcome: Outcome) -> None:
@@ -653,10 +791,15 @@ class Batcher(Generic[InT, OutT]):
             self._abandon(request, TIMED_OUT)
             self._backend.set_error(request, self._timeout_error(request))
 
-    def _timeout_error(self, request: Request) -> RequestTimeoutError:
+    def _timeout_error(self, request: Request, *, early: bool = False) -> RequestTimeoutError:
         assert request.deadline is not None
-        waited = (request.deadline - request.enqueued_at) * 1000.0
-        return RequestTimeoutError(f"batcher {self._name!r}: request timed out after {waited:.6g} ms")
+        timeout = (request.deadline - request.enqueued_at) * 1000.0
+        if early:
+            return RequestTimeoutError(
+                f"batcher {self._name!r}: request cannot finish within its {timeout:.6g} ms timeout "
+                f"(recent batches took at least {self._cost_model.fastest_recent() * 1000:.3g} ms); not sent"
+            )
+        return RequestTimeoutError(f"batcher {self._name!r}: request timed out after {timeout:.6g} ms")
 
     # -- introspection ------------------------------------------------------------
 
