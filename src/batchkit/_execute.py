@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any
 
 from ._collate import Collator
@@ -96,63 +96,73 @@ class Executor:
             return True
         return self._isolate and isinstance(error, Exception)
 
-    def run(self, fn: Callable[[Any], Any], items: list[Any]) -> Outcome:
-        """Run ``fn`` on ``items`` (splitting as needed); never raises."""
-        outcome = Outcome()
-        start = time.perf_counter()
-        try:
-            outcome.outputs = self._run(fn, items, outcome, top=True)
-        except BaseException as exc:
-            outcome.error = exc
-        outcome.seconds = time.perf_counter() - start
-        return outcome
+    def _plan(self, items: list[Any], outcome: Outcome, *, top: bool) -> Generator[Any, Any, list[Any]]:
+        """The splitting algorithm, written once for sync and async models.
 
-    def _run(self, fn: Callable[[Any], Any], items: list[Any], outcome: Outcome, *, top: bool) -> list[Any]:
+        Yields each collated (sub-)batch for the driver to run through the model,
+        and receives the model's output (or has the model's exception thrown in).
+        Returns one output per item; a ``Failed`` marks an item that failed alone.
+        """
         collator = self._collator
         padded = self._pad(items)
         try:
             batch = collator.collate(padded)
-            outputs = collator.split(fn(batch), len(padded), batch)
+            outputs = collator.split((yield batch), len(padded), batch)
+        except GeneratorExit:
+            raise
         except BaseException as exc:
             if self._splittable(exc, len(items), outcome):
                 outcome.splits += 1
                 mid = len(items) // 2
-                return self._run(fn, items[:mid], outcome, top=False) + self._run(fn, items[mid:], outcome, top=False)
+                first = yield from self._plan(items[:mid], outcome, top=False)
+                return first + (yield from self._plan(items[mid:], outcome, top=False))
             if top:
                 raise
             return [Failed(exc)] * len(items)
         if outcome.fit is not None:
             outcome.fit = max(outcome.fit, len(items))
         return list(outputs[: len(items)])
+
+    def run(self, fn: Callable[[Any], Any], items: list[Any]) -> Outcome:
+        """Run ``fn`` on ``items`` (splitting as needed), on this thread; never raises."""
+        outcome = Outcome()
+        start = time.perf_counter()
+        plan = self._plan(items, outcome, top=True)
+        try:
+            batch = next(plan)
+            while True:
+                try:
+                    output = fn(batch)
+                except BaseException as exc:
+                    batch = plan.throw(exc)
+                else:
+                    batch = plan.send(output)
+        except StopIteration as done:
+            outcome.outputs = done.value
+        except BaseException as exc:
+            outcome.error = exc
+        outcome.seconds = time.perf_counter() - start
+        return outcome
 
     async def run_async(self, fn: Callable[[Any], Awaitable[Any]], items: list[Any]) -> Outcome:
-        """``run`` for an async model, awaited on the event loop."""
+        """``run`` for an async model, awaited on the event loop; cancellation propagates."""
         outcome = Outcome()
         start = time.perf_counter()
+        plan = self._plan(items, outcome, top=True)
         try:
-            outcome.outputs = await self._run_async(fn, items, outcome, top=True)
+            batch = next(plan)
+            while True:
+                try:
+                    output = await fn(batch)
+                except Exception as exc:
+                    batch = plan.throw(exc)
+                else:
+                    batch = plan.send(output)
+        except StopIteration as done:
+            outcome.outputs = done.value
         except Exception as exc:
             outcome.error = exc
+        finally:
+            plan.close()
         outcome.seconds = time.perf_counter() - start
         return outcome
-
-    async def _run_async(
-        self, fn: Callable[[Any], Awaitable[Any]], items: list[Any], outcome: Outcome, *, top: bool
-    ) -> list[Any]:
-        collator = self._collator
-        padded = self._pad(items)
-        try:
-            batch = collator.collate(padded)
-            outputs = collator.split(await fn(batch), len(padded), batch)
-        except Exception as exc:
-            if self._splittable(exc, len(items), outcome):
-                outcome.splits += 1
-                mid = len(items) // 2
-                first = await self._run_async(fn, items[:mid], outcome, top=False)
-                return first + await self._run_async(fn, items[mid:], outcome, top=False)
-            if top:
-                raise
-            return [Failed(exc)] * len(items)
-        if outcome.fit is not None:
-            outcome.fit = max(outcome.fit, len(items))
-        return list(outputs[: len(items)])
