@@ -83,11 +83,11 @@ class CostModel:
 
 
 class ArrivalRate:
-    """Requests per second, smoothed over about ``horizon`` seconds."""
+    """Requests per second, smoothed over about ``horizon`` seconds (short: load changes fast)."""
 
     __slots__ = ("_count", "_horizon", "_time", "rate")
 
-    def __init__(self, horizon: float = 0.5) -> None:
+    def __init__(self, horizon: float = 0.05) -> None:
         self._horizon = horizon
         self._time: float | None = None
         self._count = 0
