@@ -6,7 +6,7 @@
     y = await batcher.predict(x)      # one sample in, its own result out
 """
 
-from ._batcher import DEFAULT_MAX_QUEUE_SIZE, Batcher
+from ._batcher import DEFAULT_MAX_QUEUE_SIZE, Batcher, BatcherOptions
 from ._collate import Collator
 from ._decorator import batch
 from ._errors import (
@@ -19,6 +19,7 @@ from ._errors import (
 )
 from ._padding import PaddedBatch, PadSequences, pad_sequences
 from ._stats import BatcherStats, LatencySummary
+from ._sync import SyncBatcher
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "BatchSizeMismatchError",
     "Batcher",
     "BatcherClosedError",
+    "BatcherOptions",
     "BatcherStats",
     "BatchkitError",
     "Collator",
@@ -36,6 +38,7 @@ __all__ = [
     "PaddedBatch",
     "QueueFullError",
     "RequestTimeoutError",
+    "SyncBatcher",
     "__version__",
     "batch",
     "pad_sequences",

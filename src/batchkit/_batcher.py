@@ -20,11 +20,17 @@ import functools
 import inspect
 import logging
 import math
+import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 import anyio
 import anyio.abc
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:
+    from typing_extensions import Unpack
 
 from ._backend import Backend, current_backend
 from ._collate import CollateArg, make_collator
@@ -45,6 +51,31 @@ OutT = TypeVar("OutT")
 
 DEFAULT_MAX_QUEUE_SIZE = 10_000
 """Default bound on queued requests: enough for bursts, small enough to shed real overload."""
+
+
+class ModuleBatcherOptions(TypedDict, total=False):
+    """The ``Batcher`` options that ``Batcher.from_module`` passes on (it sets the slots itself)."""
+
+    max_batch_size: int
+    max_wait_ms: float | Literal["auto"]
+    max_queue_size: int
+    timeout_ms: float | None
+    collate: CollateArg
+    on_error: Literal["raise", "isolate"]
+    run_timeout_ms: float | None
+    allowed_batch_sizes: Sequence[int] | None
+    max_latency_ms: float | None
+    batch_cost: Callable[[Any], float] | None
+    max_batch_cost: float | None
+    priority_aging_ms: float
+    name: str | None
+
+
+class BatcherOptions(ModuleBatcherOptions, total=False):
+    """The keyword options of ``Batcher`` (see its docstring), for APIs that pass them on."""
+
+    replicas: int
+    max_concurrent_batches: int
 
 
 def _is_async_callable(fn: Callable[..., Any]) -> bool:
@@ -280,7 +311,7 @@ class Batcher(Generic[InT, OutT]):
         outputs_on: Literal["cpu", "device"] = "cpu",
         replicas: int | Sequence[Any] = 1,
         pipeline_depth: int | None = None,
-        **batcher_options: Any,
+        **batcher_options: Unpack[ModuleBatcherOptions],
     ) -> Batcher[Any, Any]:
         """Serve a ``torch.nn.Module``: ``await batcher.predict(x)`` runs ``module(batch)``.
 
@@ -360,6 +391,11 @@ class Batcher(Generic[InT, OutT]):
         """True once ``aclose()`` has been called."""
         return self._closing
 
+    @property
+    def name(self) -> str:
+        """The name given, or the model function's qualified name (logs, thread names, metrics)."""
+        return self._name
+
     def __repr__(self) -> str:
         state = "closed" if self._closing else ("running" if self._backend else "idle")
         return (
@@ -430,7 +466,12 @@ class Batcher(Generic[InT, OutT]):
     def _update_limit(self) -> None:
         limit = self._max_batch_size
         if self._allowed:
-            limit = min(limit, self._allowed[-1])
+            # Padding goes up to the next allowed size: form batches no larger than the
+            # largest allowed size that still fits max_batch_size, padding included.
+            fitting = [size for size in self._allowed if size <= limit]
+            if not fitting:
+                raise ValueError(f"allowed_batch_sizes {tuple(self._allowed)} has no size <= max_batch_size={limit}")
+            limit = fitting[-1]
         if self._oom_cap is not None:
             limit = min(limit, self._oom_cap)
         self._limit = limit
@@ -465,7 +506,11 @@ class Batcher(Generic[InT, OutT]):
             raise BatcherClosedError(f"batcher {self._name!r} is closed")
         backend = self._backend
         if backend is None or not backend.is_current():
-            backend = self._bind()
+            try:
+                backend = self._bind()
+            except BaseException:
+                self._n_rejected += 1
+                raise
         queue = self._queue
         if queue.live >= self._max_queue_size:
             self._n_rejected += 1
@@ -804,7 +849,10 @@ class Batcher(Generic[InT, OutT]):
     # -- introspection ------------------------------------------------------------
 
     def stats(self) -> BatcherStats:
-        """A snapshot of the counters (see ``BatcherStats``)."""
+        """A snapshot of the counters (see ``BatcherStats``).
+
+        Safe to call from any thread (a metrics scraper, say): it only copies.
+        """
         return BatcherStats(
             requests=self._n_requests,
             batches=self._n_batches,
@@ -815,7 +863,7 @@ class Batcher(Generic[InT, OutT]):
             cancelled=self._n_cancelled,
             pending=self._queue.live,
             in_flight=self._in_flight,
-            batch_sizes=dict(sorted(self._batch_sizes.items())),
+            batch_sizes=dict(sorted(self._batch_sizes.copy().items())),
             queue_wait_ms=self._queue_wait.summary(),
             run_time_ms=self._run_time.summary(),
             latency_ms=self._latency.summary(),

@@ -102,7 +102,7 @@ def _leaf_key(item: Any) -> Hashable | None:
         return _NUMBER_KEY
     torch = _torch()
     if torch is not None and isinstance(item, torch.Tensor):
-        return ("torch", tuple(item.shape), item.dtype, item.device)
+        return ("torch", tuple(item.shape), item.dtype, item.device, item.layout)
     return None
 
 

@@ -28,7 +28,9 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any
 
-from ._collate import Collator
+import anyio
+
+from ._collate import Collator, mismatch_error
 
 __all__ = ["Executor", "Failed", "Outcome", "is_out_of_memory"]
 
@@ -108,6 +110,8 @@ class Executor:
         try:
             batch = collator.collate(padded)
             outputs = collator.split((yield batch), len(padded), batch)
+            if len(outputs) != len(padded):  # a custom collator's split is checked too
+                raise mismatch_error(len(outputs), len(padded))
         except GeneratorExit:
             raise
         except BaseException as exc:
@@ -145,7 +149,12 @@ class Executor:
         return outcome
 
     async def run_async(self, fn: Callable[[Any], Awaitable[Any]], items: list[Any]) -> Outcome:
-        """``run`` for an async model, awaited on the event loop; cancellation propagates."""
+        """``run`` for an async model, awaited on the event loop; cancellation propagates.
+
+        Any other exception the model raises, ``BaseException`` subclasses
+        included, goes to the callers, as it does for a synchronous model.
+        """
+        cancelled = anyio.get_cancelled_exc_class()
         outcome = Outcome()
         start = time.perf_counter()
         plan = self._plan(items, outcome, top=True)
@@ -154,13 +163,17 @@ class Executor:
             while True:
                 try:
                     output = await fn(batch)
-                except Exception as exc:
+                except cancelled:
+                    raise
+                except BaseException as exc:
                     batch = plan.throw(exc)
                 else:
                     batch = plan.send(output)
         except StopIteration as done:
             outcome.outputs = done.value
-        except Exception as exc:
+        except cancelled:
+            raise
+        except BaseException as exc:
             outcome.error = exc
         finally:
             plan.close()

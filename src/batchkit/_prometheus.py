@@ -1,6 +1,6 @@
 """Prometheus metrics for batchers, read from ``stats()`` at scrape time.
 
-Nothing runs on the hot path: a :class:`BatcherCollector` calls each batcher's
+Nothing runs on the hot path: a ``BatcherCollector`` calls each batcher's
 ``stats()`` only when Prometheus scrapes. Needs ``prometheus-client`` (the
 ``prometheus`` extra); ``import batchkit`` alone never imports it.
 
@@ -114,7 +114,7 @@ class BatcherCollector(Collector):
     ``Batcher``, or the model function's qualified name); names must be unique
     within one collector.
 
-    Most code calls :func:`register` instead, which keeps one collector per
+    Most code calls ``register()`` instead, which keeps one collector per
     registry, so that any number of batchers can be added to the same registry.
     """
 
@@ -186,7 +186,7 @@ class BatcherCollector(Collector):
             gauge.add_metric([label], float(getattr(stats, field)))
         buckets: list[tuple[str, float]] = []
         for bound in BATCH_SIZE_BUCKETS:
-            buckets.append((str(bound), float(sum(n for size, n in stats.batch_sizes.items() if size <= bound))))
+            buckets.append((str(float(bound)), float(sum(n for size, n in stats.batch_sizes.items() if size <= bound))))
         buckets.append(("+Inf", float(sum(stats.batch_sizes.values()))))
         total = float(sum(size * n for size, n in stats.batch_sizes.items()))
         families.batch_size.add_metric([label], buckets, total)
@@ -233,7 +233,7 @@ def register(
         batchkit.prometheus.register(batcher)      # then scrape as usual
 
     Every batcher registered with the same registry shares one
-    :class:`BatcherCollector` (returned), labelled by ``name`` (default: the
+    ``BatcherCollector`` (returned), labelled by ``name`` (default: the
     batcher's name). Reading the stats happens at scrape time only.
 
     Raises:

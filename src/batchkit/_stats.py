@@ -52,7 +52,8 @@ class LatencyWindow:
         self._samples.extend(seconds)
 
     def summary(self) -> LatencySummary:
-        return LatencySummary.of(s * 1000.0 for s in self._samples)
+        samples = self._samples.copy()  # atomic: safe while the event loop appends
+        return LatencySummary.of(s * 1000.0 for s in samples)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """SyncBatcher: micro-batching for synchronous callers (threads), not coroutines.
 
 A ``SyncBatcher`` owns one background thread that runs an asyncio event loop with
-a :class:`~batchkit.Batcher` on it. ``predict`` hands the input to that loop and
+a ``Batcher`` on it. ``predict`` hands the input to that loop and
 blocks the calling thread until its own result is back::
 
     calling threads              background thread (event loop)      model thread
@@ -19,13 +19,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Generic, Literal, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar, overload
 
 import sniffio
 
-from ._batcher import DEFAULT_MAX_QUEUE_SIZE, Batcher
-from ._collate import CollateArg
+from ._batcher import Batcher
 from ._errors import BatcherClosedError
 from ._stats import BatcherStats
 
@@ -45,14 +44,17 @@ def _in_async_context() -> str | None:
 
 
 class SyncBatcher(Generic[InT, OutT]):
-    """A :class:`~batchkit.Batcher` for synchronous code: threads call ``predict`` and block.
+    """A ``Batcher`` for synchronous code: threads call ``predict`` and block.
 
     Use it where callers are threads rather than coroutines: a Flask or Django
     view, a thread pool, a gRPC sync server, a script. The options are the same
-    as ``Batcher``'s::
+    as ``Batcher``'s, passed through to it::
 
         with batchkit.SyncBatcher(model_fn, max_batch_size=64, max_wait_ms=2) as batcher:
             y = batcher.predict(x)          # from any number of threads at once
+
+    ``fn`` may also be a ``Batcher`` that has not started yet (for example one
+    made by ``Batcher.from_module``); the ``SyncBatcher`` then runs that one.
 
     The first ``predict`` starts a background thread running an asyncio event
     loop with the batcher on it; ``close()`` (or leaving the ``with`` block)
@@ -64,38 +66,23 @@ class SyncBatcher(Generic[InT, OutT]):
     ``RuntimeError`` there.
     """
 
-    def __init__(
-        self,
-        fn: Callable[[Any], Any],
-        *,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 2.0,
-        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
-        timeout_ms: float | None = None,
-        collate: CollateArg = "auto",
-        on_error: Literal["raise", "isolate"] = "raise",
-        run_timeout_ms: float | None = None,
-        allowed_batch_sizes: Sequence[int] | None = None,
-        replicas: int = 1,
-        max_concurrent_batches: int = 1,
-        name: str | None = None,
-    ) -> None:
-        # Built here so that bad options fail at construction, as with Batcher.
-        self._batcher: Batcher[InT, OutT] = Batcher(
-            fn,
-            max_batch_size=max_batch_size,
-            max_wait_ms=max_wait_ms,
-            max_queue_size=max_queue_size,
-            timeout_ms=timeout_ms,
-            collate=collate,
-            on_error=on_error,
-            run_timeout_ms=run_timeout_ms,
-            allowed_batch_sizes=allowed_batch_sizes,
-            replicas=replicas,
-            max_concurrent_batches=max_concurrent_batches,
-            name=name,
-        )
-        self._name: str = name or getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    @overload
+    def __init__(self, fn: Batcher[InT, OutT], /) -> None: ...
+
+    @overload
+    def __init__(self: SyncBatcher[Any, Any], fn: Callable[[Any], Any], /, **options: Any) -> None: ...
+
+    def __init__(self, fn: Callable[[Any], Any] | Batcher[InT, OutT], /, **options: Any) -> None:
+        if isinstance(fn, Batcher):
+            if options:
+                raise TypeError("SyncBatcher(batcher) takes no options: give them to the Batcher")
+            if fn.closed:
+                raise BatcherClosedError("the Batcher given to SyncBatcher is closed")
+            self._batcher: Batcher[InT, OutT] = fn
+        else:
+            # Built here so that bad options fail at construction, as with Batcher.
+            self._batcher = Batcher(fn, **options)
+        self._name: str = str(getattr(self._batcher, "_name", None) or repr(self._batcher))
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -124,10 +111,11 @@ class SyncBatcher(Generic[InT, OutT]):
 
     # -- the hot path -------------------------------------------------------------
 
-    def predict(self, x: InT, *, timeout_ms: float | None = None) -> OutT:
+    def predict(self, x: InT, *, timeout_ms: float | None = None, priority: float = 0) -> OutT:
         """Send one input, block until its own output is ready, and return it.
 
-        Raises the same errors as ``Batcher.predict``: ``QueueFullError``,
+        ``timeout_ms`` and ``priority`` are those of ``Batcher.predict``. Raises
+        the same errors as ``Batcher.predict``: ``QueueFullError``,
         ``BatcherClosedError`` (after ``close()``), ``RequestTimeoutError``,
         ``TypeError`` for an input that cannot be collated, or whatever the model
         raised for this request's batch.
@@ -143,7 +131,7 @@ class SyncBatcher(Generic[InT, OutT]):
                 "which would stall every other task; in async code use `await batcher.predict(x)` with a "
                 "batchkit.Batcher (or run this call in a worker thread)"
             )
-        future = self._submit(lambda: self._batcher.predict(x, timeout_ms=timeout_ms))
+        future = self._submit(lambda: self._batcher.predict(x, timeout_ms=timeout_ms, priority=priority))
         try:
             return future.result()
         except BaseException:

@@ -22,14 +22,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:
+    from typing_extensions import Unpack
+
 if TYPE_CHECKING:
-    from ._batcher import Batcher
+    from ._batcher import Batcher, ModuleBatcherOptions
 
 __all__ = ["ModuleFn", "from_module"]
 
@@ -162,7 +168,7 @@ def from_module(
     outputs_on: Literal["cpu", "device"] = "cpu",
     replicas: int | Sequence[DeviceLike] = 1,
     pipeline_depth: int | None = None,
-    **batcher_options: Any,
+    **batcher_options: Unpack[ModuleBatcherOptions],
 ) -> Batcher[Any, Any]:
     """See ``Batcher.from_module``."""
     from ._batcher import Batcher
