@@ -1,0 +1,68 @@
+"""Every program in examples/ that the docs show runs, and does what it says."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+import batchkit
+
+from ._examples import EXAMPLES
+
+
+def run_example(*args: str) -> str:
+    """Run ``python examples/<args>``; fail with its output unless it exits 0."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_decorator_example(backend: str) -> None:
+    out = run_example("decorator.py", backend)
+    counts = [tuple(map(int, m)) for m in re.findall(r"(\d+) requests in (\d+) batches", out)]
+    assert len(counts) == 3, out  # the function, and the method on two instances
+    for requests, batches in counts:
+        assert requests == 100
+        assert batches < requests, out
+
+
+def test_trio_example() -> None:
+    pytest.importorskip("trio")
+    out = run_example("trio_app.py")
+    match = re.search(r"(\d+) requests from (\d+) connections in (\d+) batches", out)
+    assert match, out
+    requests, connections, batches = map(int, match.groups())
+    assert (requests, connections) == (200, 40)
+    assert batches < requests  # connections share batches
+
+
+@pytest.mark.skipif(not hasattr(batchkit, "SyncBatcher"), reason="batchkit.SyncBatcher is not exported yet")
+def test_sync_callers_example() -> None:
+    out = run_example("sync_callers.py")
+    match = re.search(r"(\d+) predictions from (\d+) threads in (\d+) model calls", out)
+    assert match, out
+    predictions, threads, calls = map(int, match.groups())
+    assert (predictions, threads) == (320, 32)
+    assert calls < predictions
+
+
+def test_quickstart_example() -> None:
+    out = run_example("quickstart.py")
+    assert re.search(r"^batchkit: \d+ batches, mean size", out, re.MULTILINE), out
+
+
+def test_metrics_example() -> None:
+    pytest.importorskip("prometheus_client")
+    out = run_example("metrics.py")
+    assert "100 requests, 100 completed, 0 failed" in out, out
+    assert 'batchkit_completed_total{batcher="doubler"} 100.0' in out, out
