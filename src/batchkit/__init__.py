@@ -1,9 +1,9 @@
 """batchkit: async micro-batching of model inference, inside your application.
 
-::
-
-    batcher = batchkit.Batcher(model_fn, max_batch_size=64, max_wait_ms=2)
-    y = await batcher.predict(x)      # one sample in, its own result out
+```python
+batcher = batchkit.Batcher(model_fn, max_batch_size=64, max_wait_ms=2)
+y = await batcher.predict(x)      # one sample in, its own result out
+```
 """
 
 from ._batcher import DEFAULT_MAX_QUEUE_SIZE, Batcher, BatcherOptions

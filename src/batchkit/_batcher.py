@@ -1,11 +1,13 @@
 """Batcher: gathers concurrent ``predict`` calls into batches for one model function.
 
-The flow of one request::
+The flow of one request:
 
-    predict(x) ──key(x)──▶ RequestQueue ──flush policy──▶ worker task ──▶ runner thread
-        ▲                  (group per key)  (full, or oldest       │      collate → fn → split
-        │                                    waited max_wait)      │
-        └──────────── future resolved on the event loop ◀──────────┘
+```text
+predict(x) ──key(x)──▶ RequestQueue ──flush policy──▶ worker task ──▶ runner thread
+    ▲                  (group per key)  (full, or oldest       │      collate → fn → split
+    │                                    waited max_wait)      │
+    └──────────── future resolved on the event loop ◀──────────┘
+```
 
 Everything but the model call happens on the event loop thread, so the queue
 needs no locks. A synchronous ``fn`` runs on the batcher's own worker thread;
@@ -139,10 +141,12 @@ class Batcher(Generic[InT, OutT]):
     ``fn`` takes a batch and returns a batch of outputs of the same length, one
     per input, in order. It may be synchronous (it then always runs on a worker
     thread owned by this batcher, never on the event loop) or ``async`` (it is
-    awaited on the loop). Callers send single samples::
+    awaited on the loop). Callers send single samples:
 
-        batcher = Batcher(model_fn, max_batch_size=64, max_wait_ms=2)
-        y = await batcher.predict(x)
+    ```python
+    batcher = Batcher(model_fn, max_batch_size=64, max_wait_ms=2)
+    y = await batcher.predict(x)
+    ```
 
     Args:
         fn: the model function, ``batch -> outputs``.
@@ -315,10 +319,10 @@ class Batcher(Generic[InT, OutT]):
     ) -> Batcher[Any, Any]:
         """Serve a ``torch.nn.Module``: ``await batcher.predict(x)`` runs ``module(batch)``.
 
-        ::
-
-            batcher = Batcher.from_module(model, max_batch_size=64)   # CUDA if present
-            logits = await batcher.predict(torch.randn(3, 224, 224))
+        ```python
+        batcher = Batcher.from_module(model, max_batch_size=64)   # CUDA if present
+        logits = await batcher.predict(torch.randn(3, 224, 224))
+        ```
 
         The module runs in eval mode under ``torch.inference_mode()`` on its
         worker thread(s). Inputs (tensors, arrays, numbers, or dicts / tuples /

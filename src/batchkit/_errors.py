@@ -1,14 +1,14 @@
 """The batchkit exception tree.
 
-::
-
-    Exception
-     └── BatchkitError                  every error batchkit itself raises
-          ├── QueueFullError            max_queue_size requests already pending
-          ├── BatcherClosedError        predict() after aclose()
-          ├── RequestTimeoutError       the call's deadline passed (also a TimeoutError)
-          ├── ModelTimeoutError         a batch ran longer than run_timeout_ms (also a TimeoutError)
-          └── BatchSizeMismatchError    fn returned a batch of the wrong length
+```text
+Exception
+ └── BatchkitError                  every error batchkit itself raises
+      ├── QueueFullError            max_queue_size requests already pending
+      ├── BatcherClosedError        predict() after aclose()
+      ├── RequestTimeoutError       the call's deadline passed (also a TimeoutError)
+      ├── ModelTimeoutError         a batch ran longer than run_timeout_ms (also a TimeoutError)
+      └── BatchSizeMismatchError    fn returned a batch of the wrong length
+```
 
 Errors raised by the model function are not wrapped: every caller of the failing
 batch receives the model's own exception, so ``except ValueError`` works the same

@@ -5,7 +5,7 @@ Grouping by exact length would give tiny batches, so ``pad_sequences()`` keys
 requests by everything *but* their length (trailing shape, dtype, device), pads
 each batch to its longest sequence (rounded up to ``multiple_of``, which keeps the
 number of distinct shapes a compiled model sees small), and hands the model a
-:class:`PaddedBatch` with the lengths and a mask. Outputs that keep the padded
+`PaddedBatch` with the lengths and a mask. Outputs that keep the padded
 time axis are cut back to each request's own length.
 """
 
@@ -38,7 +38,7 @@ class PaddedBatch(NamedTuple):
 
 
 class PadSequences:
-    """A collator for sequences of different lengths (see :func:`pad_sequences`)."""
+    """A collator for sequences of different lengths (see `pad_sequences`)."""
 
     def __init__(self, *, pad_value: float = 0, multiple_of: int = 1, strip: Literal["auto"] | bool = "auto") -> None:
         if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
@@ -108,14 +108,14 @@ def pad_sequences(
 ) -> PadSequences:
     """A collator that batches sequences of different lengths by padding them.
 
-    ::
-
-        batcher = Batcher(model, collate=batchkit.pad_sequences(multiple_of=8))
-        await batcher.predict(np.array([3, 1, 4]))        # token ids of any length
+    ```python
+    batcher = Batcher(model, collate=batchkit.pad_sequences(multiple_of=8))
+    await batcher.predict(np.array([3, 1, 4]))        # token ids of any length
+    ```
 
     Each input is an array or tensor of shape ``(length, *features)``; inputs
     with equal features and dtype share batches whatever their lengths. The model
-    receives a :class:`PaddedBatch` ``(values, lengths, mask)``.
+    receives a `PaddedBatch` ``(values, lengths, mask)``.
 
     Args:
         pad_value: what padded positions hold.

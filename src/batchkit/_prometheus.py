@@ -102,12 +102,12 @@ def _snapshot(batcher: StatsSource) -> BatcherStats:
 class BatcherCollector(Collector):
     """A Prometheus collector that reports the ``stats()`` of one or more batchers.
 
-    ::
+    ```python
+    from prometheus_client import REGISTRY
+    from batchkit.prometheus import BatcherCollector
 
-        from prometheus_client import REGISTRY
-        from batchkit.prometheus import BatcherCollector
-
-        REGISTRY.register(BatcherCollector([batcher]))
+    REGISTRY.register(BatcherCollector([batcher]))
+    ```
 
     Batchers are held by weak reference: a batcher that is garbage collected
     drops out of the metrics. Each is labelled by its name (``name=`` given to
@@ -227,10 +227,10 @@ def register(
 ) -> BatcherCollector:
     """Export ``batcher``'s stats to ``registry`` (default: prometheus_client's global one).
 
-    ::
-
-        import batchkit.prometheus
-        batchkit.prometheus.register(batcher)      # then scrape as usual
+    ```python
+    import batchkit.prometheus
+    batchkit.prometheus.register(batcher)      # then scrape as usual
+    ```
 
     Every batcher registered with the same registry shares one
     ``BatcherCollector`` (returned), labelled by ``name`` (default: the

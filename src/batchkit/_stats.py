@@ -62,10 +62,12 @@ class BatcherStats:
 
     Every ``predict`` call is counted once in ``requests`` and ends in exactly one
     of ``completed``, ``failed``, ``rejected``, ``timed_out`` or ``cancelled``;
-    until then it is ``pending`` (queued) or ``in_flight`` (in a running batch)::
+    until then it is ``pending`` (queued) or ``in_flight`` (in a running batch):
 
-        requests == completed + failed + rejected + timed_out + cancelled
-                    + pending + in_flight
+    ```python
+    requests == completed + failed + rejected + timed_out + cancelled
+                + pending + in_flight
+    ```
     """
 
     requests: int

@@ -2,13 +2,15 @@
 
 A ``SyncBatcher`` owns one background thread that runs an asyncio event loop with
 a ``Batcher`` on it. ``predict`` hands the input to that loop and
-blocks the calling thread until its own result is back::
+blocks the calling thread until its own result is back:
 
-    calling threads              background thread (event loop)      model thread
-    ───────────────              ──────────────────────────────      ────────────
-    predict(x) ──run_coroutine_threadsafe──▶ Batcher.predict(x) ──▶ fn(batch)
-         ▲ blocks on a concurrent Future        (queue, flush policy)
-         └──────────── result / exception ◀──────────┘
+```text
+calling threads              background thread (event loop)      model thread
+───────────────              ──────────────────────────────      ────────────
+predict(x) ──run_coroutine_threadsafe──▶ Batcher.predict(x) ──▶ fn(batch)
+     ▲ blocks on a concurrent Future        (queue, flush policy)
+     └──────────── result / exception ◀──────────┘
+```
 
 Many threads calling ``predict`` at the same time are batched together, exactly
 as concurrent coroutines are with ``Batcher``.
@@ -48,10 +50,12 @@ class SyncBatcher(Generic[InT, OutT]):
 
     Use it where callers are threads rather than coroutines: a Flask or Django
     view, a thread pool, a gRPC sync server, a script. The options are the same
-    as ``Batcher``'s, passed through to it::
+    as ``Batcher``'s, passed through to it:
 
-        with batchkit.SyncBatcher(model_fn, max_batch_size=64, max_wait_ms=2) as batcher:
-            y = batcher.predict(x)          # from any number of threads at once
+    ```python
+    with batchkit.SyncBatcher(model_fn, max_batch_size=64, max_wait_ms=2) as batcher:
+        y = batcher.predict(x)          # from any number of threads at once
+    ```
 
     ``fn`` may also be a ``Batcher`` that has not started yet (for example one
     made by ``Batcher.from_module``); the ``SyncBatcher`` then runs that one.

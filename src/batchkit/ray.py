@@ -2,21 +2,23 @@
 
 Ray Serve scales out (replicas across processes and machines, autoscaling, HTTP
 routing); batchkit batches inside each replica. ``batched_deployment`` writes the
-glue once::
+glue once:
 
-    from ray import serve
-    from batchkit.ray import batched_deployment
+```python
+from ray import serve
+from batchkit.ray import batched_deployment
 
-    def make_batcher():                       # runs in each replica process
-        return batchkit.Batcher.from_module(build_model(), max_batch_size=32, max_wait_ms=2)
+def make_batcher():                       # runs in each replica process
+    return batchkit.Batcher.from_module(build_model(), max_batch_size=32, max_wait_ms=2)
 
-    Classifier = batched_deployment(
-        make_batcher,
-        decode=lambda payload: np.asarray(payload["x"], dtype=np.float32),
-        encode=lambda y: {"y": y.tolist()},
-        num_replicas=2,
-    )
-    serve.run(Classifier.bind(), route_prefix="/classify")
+Classifier = batched_deployment(
+    make_batcher,
+    decode=lambda payload: np.asarray(payload["x"], dtype=np.float32),
+    encode=lambda y: {"y": y.tolist()},
+    num_replicas=2,
+)
+serve.run(Classifier.bind(), route_prefix="/classify")
+```
 
 Each replica builds its batcher in its own process (``make_batcher`` must be
 picklable; a module-level function is), serves ``POST`` requests by decoding
