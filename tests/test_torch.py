@@ -127,6 +127,32 @@ async def test_replicas_are_independent_copies_that_all_serve() -> None:
     assert len({c["thread"] for c in probe.calls}) == 1
 
 
+async def test_pipeline_depth_overlaps_two_batches_on_one_replica() -> None:
+    """Two workers share one module: the next batch starts while the previous one still runs."""
+    both_running = threading.Barrier(2, timeout=10)
+    threads = set()
+
+    class Overlapping(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(3.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            threads.add(threading.get_ident())
+            both_running.wait()  # only passes if two batches are in the module at once
+            return x * self.scale
+
+    model = Overlapping()
+    batcher = batchkit.Batcher.from_module(model, pipeline_depth=2, max_batch_size=2, max_wait_ms=0)
+    assert len(batcher._replica_fns) == 2
+    assert {fn.module for fn in batcher._replica_fns} == {model}  # type: ignore[attr-defined]
+    async with batcher:
+        with anyio.fail_after(20):
+            results = await gather(batcher, [torch.full((1,), float(i)) for i in range(4)])
+    assert [r.item() for r in results] == [0.0, 3.0, 6.0, 9.0]
+    assert len(threads) == 2
+
+
 async def test_allowed_batch_sizes_with_a_module() -> None:
     probe = Probe()
     async with batchkit.Batcher.from_module(probe, max_wait_ms=20, allowed_batch_sizes=(4, 8)) as batcher:
