@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--only", default="", help="run only the setups whose name contains this")
     args = parser.parse_args(argv)
     setups: list[tuple[str, Any]] = [
         ("uvicorn x1, naive", lambda: uvicorn_setup(1, "naive")),
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_ray:
         setups.append(("ray serve x2, batchkit", lambda: ray_setup(2)))
     rows = []
-    for name, setup in setups:
+    for name, setup in [(n, s) for n, s in setups if args.only in n]:
         url, stop = setup()
         try:
             asyncio.run(wait_until_up(url))

@@ -81,6 +81,8 @@ def batched_deployment(
         name: the deployment's name.
         **deployment_options: passed to ``ray.serve.deployment`` (for example
             ``num_replicas``, ``autoscaling_config``, ``ray_actor_options``).
+            ``max_ongoing_requests`` defaults to 256 here, not Serve's 5: a replica
+            can only batch the requests Serve lets in at once.
 
     Returns:
         A ``ray.serve.Deployment``; ``.bind()`` it and ``serve.run`` the result.
@@ -110,4 +112,5 @@ def batched_deployment(
             await self.batcher.aclose()
 
     BatchedReplica.__name__ = BatchedReplica.__qualname__ = name
+    deployment_options.setdefault("max_ongoing_requests", 256)
     return serve.deployment(name=name, **deployment_options)(BatchedReplica)
