@@ -118,6 +118,14 @@ def _check_allowed_sizes(sizes: Sequence[int]) -> list[int]:
     return checked
 
 
+def _check_priority(priority: object) -> float:
+    if isinstance(priority, bool) or not isinstance(priority, (int, float)):
+        raise TypeError(f"priority must be a number, got {type(priority).__qualname__}")
+    if not math.isfinite(priority):
+        raise ValueError(f"priority must be finite, got {priority}")
+    return float(priority)
+
+
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__qualname__}")
@@ -531,7 +539,9 @@ class Batcher(Generic[InT, OutT]):
                 urgency = now + self._slack
             else:
                 deadline = self._deadline(now, timeout_ms)
-                urgency = (now + self._slack if deadline is None else deadline) - priority * self._priority_aging
+                urgency = (now + self._slack if deadline is None else deadline) - _check_priority(priority) * (
+                    self._priority_aging
+                )
         except BaseException:
             self._n_failed += 1
             raise
