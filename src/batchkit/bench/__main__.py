@@ -1,10 +1,10 @@
 """``batchkit bench``: batched against naive serving (and against peers) on one model.
 
-::
-
-    batchkit bench                 # the full run, about 5 minutes on 2 CPU cores
-    batchkit bench --quick         # under a minute
-    python -m batchkit.bench --model tiny --variants batchkit,floor --closed 1,64 --out /tmp/b
+```bash
+batchkit bench                 # the full run, about 5 minutes on 2 CPU cores
+batchkit bench --quick         # under a minute
+python -m batchkit.bench --model tiny --variants batchkit,floor --closed 1,64 --out /tmp/b
+```
 
 Writes ``results.json``, ``results.md`` and ``bench.png`` to ``--out``.
 """
@@ -151,6 +151,11 @@ def _offline_cells(model: Model, plan: Plan) -> list[Cell]:
     return cells
 
 
+def _best(first: list[Cell], second: list[Cell]) -> list[Cell]:
+    """Per batch size, the offline measurement with the higher throughput."""
+    return [max(a, b, key=lambda cell: cell.throughput) for a, b in zip(first, second, strict=True)]
+
+
 def _open_loads(plan: Plan, capacity: float) -> list[Load]:
     if plan.open_rates:
         return [Load("open", rate, rate / capacity) for rate in plan.open_rates]
@@ -211,13 +216,14 @@ def run(plan: Plan, console: Console) -> list[Cell]:
     offline = _offline_cells(model, plan)
     capacity = next(c.throughput for c in offline if c.max_batch_size == plan.reference.batch_size)
     loads = [Load("closed", c) for c in plan.closed] + _open_loads(plan, capacity)
-    cells = [c for c in offline if "offline-ideal" in plan.families]
     gc.collect()
     gc.freeze()  # what exists now is not garbage: keep collections short during the measurements
     try:
-        cells += _measure_all(variants, loads, model, plan, console)
+        served = _measure_all(variants, loads, model, plan, console)
     finally:
         gc.unfreeze()
+    offline = _best(offline, _offline_cells(model, plan))  # a ceiling: keep the better of two tries
+    cells = [c for c in offline if "offline-ideal" in plan.families] + served
 
     settings = {
         "warmup_s": plan.warmup_s,

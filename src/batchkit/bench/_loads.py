@@ -84,13 +84,20 @@ class _Recorder:
 
 
 async def _heartbeat(recorder: _Recorder) -> None:
+    """Sleep 1 ms over and over; record how late each sleep that began in the window ends.
+
+    A sleep still pending when the heartbeat is cancelled is recorded too, as
+    the lateness so far: a loop blocked for the whole window still shows.
+    """
     lags = recorder.trace.lags
     while True:
         before = clock()
-        await asyncio.sleep(HEARTBEAT_S)
-        woke = clock()
-        if recorder.start <= woke <= recorder.stop:
-            lags.append(woke - before - HEARTBEAT_S)
+        try:
+            await asyncio.sleep(HEARTBEAT_S)
+        finally:
+            late = clock() - before - HEARTBEAT_S
+            if recorder.start <= before <= recorder.stop and late > 0:
+                lags.append(late)
 
 
 async def _call(predict: Predict, x: Any, sent: float, recorder: _Recorder) -> None:
