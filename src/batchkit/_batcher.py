@@ -533,20 +533,15 @@ class Batcher(Generic[InT, OutT]):
         plain = timeout_ms is None and not priority
         try:
             key = self._key(x)
-            cost = 1.0 if self._batch_cost is None else float(self._batch_cost(x))
-            if plain:
-                deadline = None if self._timeout_ms is None else now + self._timeout_ms * 0.001
-                urgency = now + self._slack
+            if plain and self._batch_cost is None:  # the common case, kept short
+                timeout = self._timeout_ms
+                request = Request(x, key, now, None if timeout is None else now + timeout * 0.001, now + self._slack)
             else:
-                deadline = self._deadline(now, timeout_ms)
-                urgency = (now + self._slack if deadline is None else deadline) - _check_priority(priority) * (
-                    self._priority_aging
-                )
+                request = self._special_request(x, key, now, timeout_ms, priority)
         except BaseException:
             self._n_failed += 1
             raise
-        request = Request(x, key, now, deadline, urgency, cost)
-        group = queue.push(request, plain=plain)
+        group = queue.push(request, plain)
         wakeup = self._wakeup
         if wakeup is not None and (
             group.live >= self._wake_threshold
@@ -557,6 +552,13 @@ class Batcher(Generic[InT, OutT]):
         return await backend.wait(request, self)  # type: ignore[no-any-return]
 
     __call__ = predict
+
+    def _special_request(self, x: Any, key: Any, now: float, timeout_ms: float | None, priority: float) -> Request:
+        """A request with its own timeout or priority, or a cost."""
+        cost = 1.0 if self._batch_cost is None else float(self._batch_cost(x))
+        deadline = self._deadline(now, timeout_ms)
+        due = now + self._slack if deadline is None else deadline
+        return Request(x, key, now, deadline, due - _check_priority(priority) * self._priority_aging, cost)
 
     def _deadline(self, now: float, timeout_ms: float | None) -> float | None:
         if timeout_ms is None:
@@ -765,8 +767,8 @@ class Batcher(Generic[InT, OutT]):
                 backend.set_error(request, error)
             self._n_failed += len(waiting)
             return
-        completed = 0
-        set_result = backend.set_result
+        answered: list[Request] = []
+        values: list[Any] = []
         for request, output in zip(batch, outcome.outputs, strict=True):
             if request.state != RUNNING:
                 continue
@@ -774,10 +776,11 @@ class Batcher(Generic[InT, OutT]):
             if type(output) is Failed:
                 backend.set_error(request, output.error)
             else:
-                set_result(request, output)
-                completed += 1
-        self._n_completed += completed
-        self._n_failed += len(waiting) - completed
+                answered.append(request)
+                values.append(output)
+        backend.set_results(answered, values)
+        self._n_completed += len(answered)
+        self._n_failed += len(waiting) - len(answered)
 
     def _abandon_hung_slots(self, backend: Backend, now: float) -> None:
         """Give up on synchronous runs past run_timeout_ms: fail them, replace their threads."""

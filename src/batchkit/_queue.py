@@ -118,7 +118,7 @@ class RequestQueue:
         self._groups: dict[Hashable, _Group] = {}
         self.live = 0
 
-    def push(self, request: Request, *, plain: bool) -> _Group:
+    def push(self, request: Request, plain: bool) -> _Group:
         """Add ``request``; ``plain`` when it has no priority or deadline of its own."""
         group = self._groups.get(request.key)
         if group is None:
@@ -161,6 +161,13 @@ class RequestQueue:
         """
         group = self._groups[key]
         batch: list[Request] = []
+        if max_cost is None and not group.urgent:  # the common case: a plain FIFO
+            fifo = group.fifo
+            while fifo and len(batch) < limit:
+                head = fifo.popleft()
+                if head.state == QUEUED:
+                    batch.append(head)
+            return self._taken(key, group, batch, sum(r.cost for r in batch))
         total = largest = 0.0
         while len(batch) < limit:
             request = group.most_urgent()
@@ -175,8 +182,11 @@ class RequestQueue:
             batch.append(request)
             total += request.cost
             largest = max(largest, request.cost)
+        return self._taken(key, group, batch, total)
+
+    def _taken(self, key: Hashable, group: _Group, batch: list[Request], cost: float) -> list[Request]:
         group.live -= len(batch)
-        group.cost -= total
+        group.cost -= cost
         self.live -= len(batch)
         if not group.live and group.oldest() is None:
             del self._groups[key]
