@@ -129,7 +129,9 @@ async def test_replicas_are_independent_copies_that_all_serve() -> None:
 
 async def test_pipeline_depth_overlaps_two_batches_on_one_replica() -> None:
     """Two workers share one module: the next batch starts while the previous one still runs."""
-    both_running = threading.Barrier(2, timeout=10)
+    lock = threading.Lock()
+    overlapped = threading.Event()
+    running = peak = 0
     threads = set()
 
     class Overlapping(nn.Module):
@@ -138,8 +140,16 @@ async def test_pipeline_depth_overlaps_two_batches_on_one_replica() -> None:
             self.scale = nn.Parameter(torch.tensor(3.0))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            threads.add(threading.get_ident())
-            both_running.wait()  # only passes if two batches are in the module at once
+            nonlocal running, peak
+            with lock:
+                threads.add(threading.get_ident())
+                running += 1
+                peak = max(peak, running)
+                if running == 2:
+                    overlapped.set()
+            overlapped.wait(timeout=10)  # the first batch holds on until a second one runs beside it
+            with lock:
+                running -= 1
             return x * self.scale
 
     model = Overlapping()
@@ -147,9 +157,10 @@ async def test_pipeline_depth_overlaps_two_batches_on_one_replica() -> None:
     assert len(batcher._replica_fns) == 2
     assert {fn.module for fn in batcher._replica_fns} == {model}  # type: ignore[attr-defined]
     async with batcher:
-        with anyio.fail_after(20):
+        with anyio.fail_after(30):
             results = await gather(batcher, [torch.full((1,), float(i)) for i in range(4)])
     assert [r.item() for r in results] == [0.0, 3.0, 6.0, 9.0]
+    assert peak == 2
     assert len(threads) == 2
 
 
