@@ -62,16 +62,21 @@ class CostModel:
         self.batches += 1
 
     def coefficients(self) -> tuple[float, float]:
-        """``(a, b)``: fixed seconds per batch, seconds per request."""
+        """``(a, b)``: fixed seconds per batch, seconds per request.
+
+        Cautious where the data say little: with batches all of one size there is
+        no telling fixed from per-request cost, so it is all counted per request
+        (``a = 0``: no reason to wait); and the fixed cost is never taken to be
+        more than the fastest recent batch took.
+        """
         if not self._s0:
             return 0.0, 0.0
         spread = self._s0 * self._s2 - self._s1 * self._s1
-        mean_t = self._t0 / self._s0
-        if spread <= 1e-9 * self._s0 * self._s0:  # all batches the same size: call it all fixed cost
-            return mean_t, 0.0
+        if spread <= 1e-9 * self._s0 * self._s0:
+            return 0.0, self._t0 / self._s1 if self._s1 else 0.0
         b = max(0.0, (self._s0 * self._t1 - self._s1 * self._t0) / spread)
         a = max(0.0, (self._t0 - b * self._s1) / self._s0)
-        return a, b
+        return min(a, self.fastest_recent()), b
 
     def expected(self, size: int) -> float:
         a, b = self.coefficients()
