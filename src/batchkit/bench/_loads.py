@@ -84,10 +84,11 @@ class _Recorder:
 
 
 async def _heartbeat(recorder: _Recorder) -> None:
-    """Sleep 1 ms over and over; record how late each sleep that began in the window ends.
+    """Sleep 1 ms over and over; record how late each sleep that overlaps the window ends.
 
     A sleep still pending when the heartbeat is cancelled is recorded too, as
-    the lateness so far: a loop blocked for the whole window still shows.
+    the lateness so far, and so is one that began before the window and ended in
+    or after it: a loop blocked for the whole window still shows.
     """
     lags = recorder.trace.lags
     while True:
@@ -95,8 +96,9 @@ async def _heartbeat(recorder: _Recorder) -> None:
         try:
             await asyncio.sleep(HEARTBEAT_S)
         finally:
-            late = clock() - before - HEARTBEAT_S
-            if recorder.start <= before <= recorder.stop and late > 0:
+            after = clock()
+            late = after - before - HEARTBEAT_S
+            if before <= recorder.stop and after >= recorder.start and late > 0:
                 lags.append(late)
 
 
