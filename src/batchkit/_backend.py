@@ -47,8 +47,6 @@ class Backend(Protocol):
 
     async def wait(self, request: Request, owner: Owner) -> Any: ...
 
-    def set_result(self, request: Request, value: Any) -> None: ...
-
     def set_results(self, requests: list[Request], values: list[Any]) -> None: ...
 
     def set_error(self, request: Request, error: BaseException) -> None: ...
@@ -91,15 +89,8 @@ class AsyncioBackend:
                 owner._abandon(request, CANCELLED)
             raise
 
-    def set_result(self, request: Request, value: Any) -> None:
-        if request.timer is not None:
-            request.timer.cancel()
-        future = request.waiter
-        if not future.done():
-            future.set_result(value)
-
     def set_results(self, requests: list[Request], values: list[Any]) -> None:
-        for request, value in zip(requests, values, strict=True):  # set_result, inlined: once per request
+        for request, value in zip(requests, values, strict=True):
             if request.timer is not None:
                 request.timer.cancel()
             future = request.waiter
@@ -156,9 +147,6 @@ class TrioBackend:
         with self._trio.CancelScope(deadline=request.deadline):
             return await lowlevel.wait_task_rescheduled(abort)
         raise owner._timeout_error(request)  # our own deadline cancelled the wait
-
-    def set_result(self, request: Request, value: Any) -> None:
-        self._lowlevel.reschedule(request.waiter, self._value(value))
 
     def set_results(self, requests: list[Request], values: list[Any]) -> None:
         reschedule, wrap = self._lowlevel.reschedule, self._value

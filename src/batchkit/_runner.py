@@ -42,10 +42,6 @@ class ThreadRunner:
         if join:
             self._thread.join()
 
-    @property
-    def thread(self) -> threading.Thread:
-        return self._thread
-
     def _main(self) -> None:
         jobs = self._jobs
         while True:
