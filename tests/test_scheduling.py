@@ -113,6 +113,14 @@ async def test_cost_budget_with_padding_counts_padded_positions() -> None:
         assert size == 1 or size * width <= 12, seen
 
 
+def test_a_refused_configure_changes_nothing() -> None:
+    batcher = batchkit.Batcher(lambda b: b, max_batch_size=16, max_wait_ms=3, allowed_batch_sizes=(4, 8))
+    with pytest.raises(ValueError, match="no size <= max_batch_size=2"):
+        batcher.configure(max_batch_size=2, max_wait_ms=0)
+    assert (batcher.max_batch_size, batcher.max_wait_ms) == (16, 3)
+    assert batcher.stats().batch_size_limit == 8
+
+
 def test_batch_cost_options_go_together() -> None:
     with pytest.raises(ValueError, match="go together"):
         batchkit.Batcher(lambda b: b, batch_cost=len)

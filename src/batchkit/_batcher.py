@@ -466,6 +466,7 @@ class Batcher(Generic[InT, OutT]):
             if self._batch_cost is None:
                 raise ValueError("max_batch_cost needs a batch_cost function")
             max_batch_cost = _check_ms("max_batch_cost", max_batch_cost, allow_zero=False)
+        limit = self._limit_for(max_batch_size)  # may refuse, so before anything is applied
         self._max_batch_size = max_batch_size
         self._max_wait_ms = max_wait_ms if max_wait_ms == "auto" else float(max_wait_ms)
         self._policy = policy
@@ -473,10 +474,11 @@ class Batcher(Generic[InT, OutT]):
         self._timeout_ms = timeout_ms
         self._slack = 10.0 if timeout_ms is None else timeout_ms / 1000
         self._max_batch_cost = max_batch_cost
-        self._update_limit()
+        self._limit = limit
 
-    def _update_limit(self) -> None:
-        limit = self._max_batch_size
+    def _limit_for(self, max_batch_size: int) -> int:
+        """The largest batch to form under ``max_batch_size``, allowed sizes and the OOM cap."""
+        limit = max_batch_size
         if self._allowed:
             # Padding goes up to the next allowed size: form batches no larger than the
             # largest allowed size that still fits max_batch_size, padding included.
@@ -486,7 +488,7 @@ class Batcher(Generic[InT, OutT]):
             limit = fitting[-1]
         if self._oom_cap is not None:
             limit = min(limit, self._oom_cap)
-        self._limit = limit
+        return limit
 
     # -- the hot path -------------------------------------------------------------
 
@@ -738,19 +740,22 @@ class Batcher(Generic[InT, OutT]):
         """A batch is done (on the loop): free its slot, then answer its callers."""
         if slot.generation != generation:
             return  # a hung run we gave up on: its callers were answered then
-        slot.batch = slot.deadline = None
-        self._idle.append(slot)
-        self._wake()
+        self._free(slot)
         self._run_time.add(outcome.seconds)
         if outcome.fit is not None:
             self._n_oom_splits += outcome.splits
             if outcome.fit < self._limit:
                 logger.warning("batcher %r: out of memory; batches capped at %d", self._name, outcome.fit)
                 self._oom_cap = max(1, outcome.fit)
-                self._update_limit()
+                self._limit = self._limit_for(self._max_batch_size)
         elif outcome.error is None:
             self._cost_model.observe(len(batch), outcome.seconds)
         self._answer(backend, batch, outcome)
+
+    def _free(self, slot: Slot) -> None:
+        slot.batch = slot.deadline = None
+        self._idle.append(slot)
+        self._wake()
 
     def _answer(self, backend: Backend, batch: list[Request], outcome: Outcome) -> None:
         """Answer every caller of ``batch`` that still waits, exactly once."""
@@ -796,8 +801,7 @@ class Batcher(Generic[InT, OutT]):
             slot.runner.stop(join=False)  # it exits when the hung call returns
             slot.runner = ThreadRunner(name=f"batchkit-{self._name}-{slot.index}")
             slot.generation += 1  # the hung run's late _finish is ignored
-            slot.batch = slot.deadline = None
-            self._idle.append(slot)
+            self._free(slot)
             self._answer(backend, batch, Outcome(self._hung_error()))
 
     def _hung_error(self) -> ModelTimeoutError:

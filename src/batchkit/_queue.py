@@ -188,7 +188,7 @@ class RequestQueue:
         group.live -= len(batch)
         group.cost -= cost
         self.live -= len(batch)
-        if not group.live and group.oldest() is None:
+        if not group.live:  # only dead requests left, if any: forget them with the group
             del self._groups[key]
         return batch
 
