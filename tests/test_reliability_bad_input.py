@@ -104,7 +104,7 @@ async def run_mixed(case: Mixed) -> None:
     for x, (kind, value) in zip(case.items, outcomes, strict=True):
         if isinstance(x, str):
             bad += 1
-            assert type(value) is TypeError, (x, kind, value)
+            assert type(value) is batchkit.InvalidInputError, (x, kind, value)
         else:
             assert kind == "value", (x, value)
             np.testing.assert_array_equal(value, np.full(3, 2.0 * x))
@@ -132,7 +132,7 @@ async def test_each_unbatchable_input_gets_a_clear_type_error(name: str) -> None
     async with batchkit.Batcher[Any, Any](lambda b: b, max_wait_ms=1) as batcher:
         outcome = await call(batcher, UNBATCHABLE[name])
         assert await batcher.predict(np.ones(2)) is not None  # still serving
-    assert type(outcome[1]) is TypeError
+    assert type(outcome[1]) is batchkit.InvalidInputError
     assert "auto-collate cannot batch" in str(outcome[1])
     assert "collate=None" in str(outcome[1])
     check_settled(batcher.stats())

@@ -154,8 +154,9 @@ async def test_pipeline_depth_overlaps_two_batches_on_one_replica() -> None:
 
     model = Overlapping()
     batcher = batchkit.Batcher.from_module(model, pipeline_depth=2, max_batch_size=2, max_wait_ms=0)
-    assert len(batcher._replica_fns) == 2
-    assert {fn.module for fn in batcher._replica_fns} == {model}  # type: ignore[attr-defined]
+    slot_fns = batcher.fn.fns  # type: ignore[attr-defined]
+    assert len(slot_fns) == 2
+    assert {fn.module for fn in slot_fns} == {model}
     async with batcher:
         with anyio.fail_after(30):
             results = await gather(batcher, [torch.full((1,), float(i)) for i in range(4)])
@@ -243,7 +244,7 @@ async def test_cuda_streams_pinned_staging_and_results_on_the_host() -> None:
     with torch.no_grad():
         expected = [model(x[None])[0] for x in inputs]
     batcher = batchkit.Batcher.from_module(model, max_batch_size=16, max_wait_ms=5)
-    slot_fns = batcher._replica_fns
+    slot_fns = batcher.fn.fns  # type: ignore[attr-defined]
     assert len(slot_fns) == 2  # pipeline_depth 2 on CUDA
     assert all(fn.stream is not None for fn in slot_fns)  # type: ignore[attr-defined]
     assert slot_fns[0].stream is not slot_fns[1].stream  # type: ignore[attr-defined]

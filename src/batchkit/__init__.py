@@ -6,18 +6,20 @@ y = await batcher.predict(x)      # one sample in, its own result out
 ```
 """
 
-from ._batcher import DEFAULT_MAX_QUEUE_SIZE, Batcher, BatcherOptions
+from ._batcher import Batcher
 from ._collate import Collator
 from ._decorator import batch
 from ._errors import (
     BatcherClosedError,
     BatchkitError,
     BatchSizeMismatchError,
+    InvalidInputError,
     ModelTimeoutError,
     QueueFullError,
     RequestTimeoutError,
 )
 from ._padding import PaddedBatch, PadSequences, pad_sequences
+from ._settings import DEFAULT_MAX_QUEUE_SIZE, BatcherOptions
 from ._stats import BatcherStats, LatencySummary
 from ._sync import SyncBatcher
 
@@ -32,6 +34,7 @@ __all__ = [
     "BatcherStats",
     "BatchkitError",
     "Collator",
+    "InvalidInputError",
     "LatencySummary",
     "ModelTimeoutError",
     "PadSequences",

@@ -1,70 +1,94 @@
-"""The few event-loop operations on the hot path, native to asyncio and trio.
+"""The event-loop operations batchkit needs, native to asyncio and to trio.
 
-Everything that happens once per *batch* (sleeping until a flush, waiting for
-the worker) uses anyio and is backend-neutral. What happens once per *request*
-is done here with each backend's cheapest primitive: an asyncio future or a
-parked trio task. A generic ``anyio.Event`` per request would cost several times
-more allocations and wake-ups, and per-request cost is what a batcher is about.
+A leaf module: it knows requests only as objects with a ``waiter`` slot, and
+calls nothing of batchkit's but the ``on_abort`` callable it was built with.
 
-Cancellation semantics are the backend's own: a cancelled ``predict`` raises
-``asyncio.CancelledError`` or ``trio.Cancelled`` as usual, and the batcher is told
-so that a request cancelled while still queued is never sent to the model.
+What happens once per *request* (parking the caller, waking it with its answer)
+uses each backend's cheapest primitive: an asyncio future, or a trio task parked
+with ``wait_task_rescheduled``. A generic ``anyio.Event`` per request would cost
+several times more, and per-request cost is what a batcher is about. What
+happens once per *batch* (the worker's sleep) uses anyio and is backend-neutral.
+
+Cancellation is the backend's own: a cancelled ``predict`` raises
+``asyncio.CancelledError`` or ``trio.Cancelled``. trio tells ``on_abort`` at the
+moment of cancellation; asyncio cancels the future at once (``withdrawn``), and
+the caller's task tells the scheduler when it next runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import sniffio
 
-from ._queue import CANCELLED, RUNNING, TIMED_OUT, Request
-
-__all__ = ["Backend", "Owner", "current_backend"]
+__all__ = ["Backend", "Waitable", "current_backend"]
 
 
-class Owner(Protocol):
-    """The part of the batcher a backend calls back into."""
-
-    def _abandon(self, request: Request, state: int) -> None: ...
-
-    def _expire(self, request: Request) -> None: ...
-
-    def _timeout_error(self, request: Request) -> BaseException: ...
+class Waitable(Protocol):
+    waiter: Any
 
 
 class Backend(Protocol):
+    """One running event loop, as the scheduler and the worker use it."""
+
     name: str
 
-    def time(self) -> float: ...
+    def is_current(self) -> bool:
+        """Whether the calling code runs on this event loop."""
+        ...
 
-    def is_current(self) -> bool: ...
+    def alive(self) -> bool:
+        """Whether the event loop can still run callbacks (False once it is closed or finished)."""
+        ...
 
-    def call_soon_threadsafe(self, fn: Callable[..., object], *args: Any) -> None: ...
+    def call_soon_threadsafe(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop, from any thread (``RuntimeError`` when the loop is gone)."""
+        ...
 
-    def spawn_system_task(self, fn: Callable[[], Awaitable[None]]) -> None: ...
+    def spawn_system_task(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn()`` as a task that lives as long as the loop."""
+        ...
 
-    async def wait(self, request: Request, owner: Owner) -> Any: ...
+    def wait(self, request: Waitable) -> Awaitable[Any]:
+        """Park the caller until ``resolve`` or ``fail`` answers ``request``."""
+        ...
 
-    def set_results(self, requests: list[Request], values: list[Any]) -> None: ...
+    def withdrawn(self, request: Waitable) -> bool:
+        """Whether the caller gave up in a way ``on_abort`` has not been told of yet."""
+        ...
 
-    def set_error(self, request: Request, error: BaseException) -> None: ...
+    def resolve(self, requests: Iterable[Waitable], values: Iterable[Any]) -> None:
+        """Wake each caller with its value."""
+        ...
+
+    def fail(self, request: Waitable, error: BaseException) -> None:
+        """Wake the caller with ``error``."""
+        ...
+
+    def cancel_requested(self) -> bool:
+        """Whether the current task is really being cancelled (not merely handed a stray ``CancelledError``)."""
+        ...
 
 
 class AsyncioBackend:
     name = "asyncio"
 
-    def __init__(self) -> None:
+    def __init__(self, on_abort: Callable[[Any], None]) -> None:
+        del on_abort  # the caller's task reports its own cancellation
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.time: Callable[[], float] = self._loop.time
 
     def is_current(self) -> bool:
         try:
             return asyncio.get_running_loop() is self._loop
         except RuntimeError:
             return False
+
+    def alive(self) -> bool:
+        return self._loop.is_running() and not self._loop.is_closed()
 
     def call_soon_threadsafe(self, fn: Callable[..., object], *args: Any) -> None:
         self._loop.call_soon_threadsafe(fn, *args)
@@ -77,47 +101,46 @@ class AsyncioBackend:
         self._tasks.add(task)  # keep a strong reference while it runs
         task.add_done_callback(self._tasks.discard)
 
-    async def wait(self, request: Request, owner: Owner) -> Any:
-        future = self._loop.create_future()
-        request.waiter = future
-        if request.deadline is not None:
-            request.timer = self._loop.call_at(request.deadline, owner._expire, request)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if request.state <= RUNNING:
-                owner._abandon(request, CANCELLED)
-            raise
+    def wait(self, request: Waitable) -> Awaitable[Any]:
+        future = request.waiter = self._loop.create_future()
+        return future
 
-    def set_results(self, requests: list[Request], values: list[Any]) -> None:
+    def withdrawn(self, request: Waitable) -> bool:
+        return bool(request.waiter.cancelled())
+
+    def resolve(self, requests: Iterable[Waitable], values: Iterable[Any]) -> None:
         for request, value in zip(requests, values, strict=True):
-            if request.timer is not None:
-                request.timer.cancel()
             future = request.waiter
+            request.waiter = None  # the answer is the caller's alone: nothing of batchkit's keeps it
             if not future.done():
                 future.set_result(value)
 
-    def set_error(self, request: Request, error: BaseException) -> None:
-        if request.timer is not None:
-            request.timer.cancel()
+    def fail(self, request: Waitable, error: BaseException) -> None:
         future = request.waiter
-        if not future.done():
+        request.waiter = None
+        if future is not None and not future.done():
             future.set_exception(error)
+
+    def cancel_requested(self) -> bool:
+        task = asyncio.current_task()
+        if task is None or sys.version_info < (3, 11):
+            return True  # no way to tell on 3.10: assume a real cancellation
+        return task.cancelling() > 0
 
 
 class TrioBackend:
     name = "trio"
 
-    def __init__(self) -> None:
+    def __init__(self, on_abort: Callable[[Any], None]) -> None:
         import outcome
         import trio
 
         self._trio = trio
         self._lowlevel = trio.lowlevel
         self._token = trio.lowlevel.current_trio_token()
-        self.time: Callable[[], float] = trio.current_time
         self._value = outcome.Value
         self._error = outcome.Error
+        self._on_abort = on_abort
 
     def is_current(self) -> bool:
         try:
@@ -125,51 +148,70 @@ class TrioBackend:
         except RuntimeError:
             return False
 
+    def alive(self) -> bool:
+        try:
+            self._token.run_sync_soon(_nothing)
+        except self._trio.RunFinishedError:
+            return False
+        return True
+
     def call_soon_threadsafe(self, fn: Callable[..., object], *args: Any) -> None:
-        self._token.run_sync_soon(fn, *args)
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except self._trio.RunFinishedError:
+            raise RuntimeError("the trio run has finished") from None
 
     def spawn_system_task(self, fn: Callable[[], Awaitable[None]]) -> None:
         self._lowlevel.spawn_system_task(fn, name="batchkit-worker")
 
-    async def wait(self, request: Request, owner: Owner) -> Any:
+    def wait(self, request: Waitable) -> Awaitable[Any]:
+        return self._park(request)
+
+    async def _park(self, request: Waitable) -> Any:
         lowlevel = self._lowlevel
         request.waiter = lowlevel.current_task()
-        current_time = self._trio.current_time
+        on_abort = self._on_abort
 
         def abort(_: object) -> Any:
-            if request.state <= RUNNING:
-                expired = request.deadline is not None and current_time() >= request.deadline
-                owner._abandon(request, TIMED_OUT if expired else CANCELLED)
+            on_abort(request)
             return lowlevel.Abort.SUCCEEDED
 
-        if request.deadline is None:
-            return await lowlevel.wait_task_rescheduled(abort)
-        with self._trio.CancelScope(deadline=request.deadline):
-            return await lowlevel.wait_task_rescheduled(abort)
-        raise owner._timeout_error(request)  # our own deadline cancelled the wait
+        return await lowlevel.wait_task_rescheduled(abort)
 
-    def set_results(self, requests: list[Request], values: list[Any]) -> None:
+    def withdrawn(self, request: Waitable) -> bool:
+        return False  # trio calls abort() at the moment of cancellation
+
+    def resolve(self, requests: Iterable[Waitable], values: Iterable[Any]) -> None:
         reschedule, wrap = self._lowlevel.reschedule, self._value
         for request, value in zip(requests, values, strict=True):
             reschedule(request.waiter, wrap(value))
 
-    def set_error(self, request: Request, error: BaseException) -> None:
-        self._lowlevel.reschedule(request.waiter, self._error(error))
+    def fail(self, request: Waitable, error: BaseException) -> None:
+        task, request.waiter = request.waiter, None
+        if task is not None:
+            self._lowlevel.reschedule(task, self._error(error))
+
+    def cancel_requested(self) -> bool:
+        return True  # trio.Cancelled cannot come from anywhere but a cancel scope
 
 
-def current_backend() -> Backend:
+def _nothing() -> None:
+    pass
+
+
+def current_backend(on_abort: Callable[[Any], None]) -> Backend:
     """The backend of the running event loop (raises RuntimeError outside one)."""
     try:
         library = sniffio.current_async_library()
     except sniffio.AsyncLibraryNotFoundError:
         raise RuntimeError("batchkit must be used from a running asyncio or trio event loop") from None
     if library == "asyncio":
-        return AsyncioBackend()
+        return AsyncioBackend(on_abort)
     if library == "trio":
-        return TrioBackend()
+        return TrioBackend(on_abort)
     raise RuntimeError(f"batchkit supports asyncio and trio, not {library}")
 
 
 if TYPE_CHECKING:
-    _a: Backend = AsyncioBackend()
-    _t: Backend = TrioBackend()
+    _a: Backend = AsyncioBackend(print)
+    _t: Backend = TrioBackend(print)

@@ -29,7 +29,7 @@ from typing import Any, Protocol, Union
 
 import numpy as np
 
-from ._errors import BatchSizeMismatchError
+from ._errors import BatchSizeMismatchError, InvalidInputError
 
 __all__ = [
     "AutoCollate",
@@ -51,7 +51,10 @@ class Collator(Protocol):
     """
 
     def key(self, item: Any) -> Hashable:
-        """A hashable grouping key for ``item``; raise ``TypeError`` to refuse it."""
+        """A hashable grouping key for ``item``; raise ``TypeError`` to refuse it.
+
+        A ``TypeError`` reaches the caller as ``batchkit.InvalidInputError``.
+        """
         ...
 
     def collate(self, items: list[Any]) -> Any:
@@ -119,6 +122,8 @@ def _tree_key(item: Any, path: str) -> Hashable:
     if leaf is not None:
         return leaf
     kind = type(item)
+    if kind is list and item and all(isinstance(v, _NUMBER_TYPES) for v in item):
+        return ("numbers", len(item))  # a flat list of numbers (a JSON payload) is a 1-D array
     if kind is dict:
         return ("dict", tuple((k, _tree_key(v, f"{path}[{k!r}]")) for k, v in item.items()))
     if _is_namedtuple(item):
@@ -128,7 +133,7 @@ def _tree_key(item: Any, path: str) -> Hashable:
     if _is_dataclass_instance(item):
         return (kind, tuple(_tree_key(getattr(item, f.name), f"{path}.{f.name}") for f in dataclasses.fields(item)))
     where = f" at {path}" if path != "input" else ""
-    raise TypeError(
+    raise InvalidInputError(
         f"auto-collate cannot batch an input of type {kind.__qualname__}{where}; it batches numpy arrays, "
         "torch tensors and numbers, alone or nested in dicts, tuples, lists, namedtuples and dataclasses. "
         "Give the Batcher collate=None (the model gets a list) or your own collate"
@@ -145,6 +150,8 @@ def _stack(items: list[Any]) -> Any:
     if torch is not None and isinstance(first, torch.Tensor):
         return torch.stack(items)
     kind = type(first)
+    if kind is list and first and all(isinstance(v, _NUMBER_TYPES) for v in first):
+        return np.asarray(items)
     if kind is dict:
         return {k: _stack([item[k] for item in items]) for k in first}
     if _is_namedtuple(first):
@@ -227,7 +234,8 @@ class AutoCollate:
 
     Inputs are keyed by structure and by each leaf's shape and dtype (and device,
     for tensors), so only inputs that can be stacked share a batch. Numbers
-    become 1-D numpy arrays. The output is split along its first axis: an array
+    become 1-D numpy arrays, and flat lists of numbers (JSON payloads) rows of a
+    2-D array. The output is split along its first axis: an array
     or tensor row by row (views; ``tensor.unbind(0)``), a dict, tuple, namedtuple
     or dataclass of batched arrays/tensors leaf by leaf (rebuilding the container
     for each request). A *list* output is taken as the per-request results

@@ -7,13 +7,15 @@ Exception
       ├── BatcherClosedError        predict() after aclose()
       ├── RequestTimeoutError       the call's deadline passed (also a TimeoutError)
       ├── ModelTimeoutError         a batch ran longer than run_timeout_ms (also a TimeoutError)
-      └── BatchSizeMismatchError    fn returned a batch of the wrong length
+      ├── BatchSizeMismatchError    fn returned a batch of the wrong length
+      └── InvalidInputError         the collator cannot batch this input (also a TypeError)
 ```
 
 Errors raised by the model function are not wrapped: every caller of the failing
 batch receives the model's own exception, so ``except ValueError`` works the same
-with and without batchkit. Inputs that auto-collate cannot batch raise a plain
-``TypeError`` for that caller only.
+with and without batchkit. An input that cannot be batched raises
+``InvalidInputError`` for that caller only, so an integration can tell bad input
+(HTTP 400) from a model bug (500).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ __all__ = [
     "BatchSizeMismatchError",
     "BatcherClosedError",
     "BatchkitError",
+    "InvalidInputError",
     "ModelTimeoutError",
     "QueueFullError",
     "RequestTimeoutError",
@@ -63,3 +66,11 @@ class ModelTimeoutError(BatchkitError, TimeoutError):
 
 class BatchSizeMismatchError(BatchkitError):
     """The model returned a batch whose length differs from its input's."""
+
+
+class InvalidInputError(BatchkitError, TypeError):
+    """The collator cannot batch this input (an unsupported type or structure).
+
+    Raised by ``predict`` before the request is queued, for that caller only. It
+    is also a ``TypeError``, as before it existed.
+    """

@@ -10,7 +10,8 @@ Three things can make one batch into several model calls:
   ``MemoryError``) on a batch of more than one request, the batch is split in
   halves and each half retried, recursively down to single requests. The
   largest size that then fit is reported so the batcher can cap later batches
-  there. A request fails only if it fails alone.
+  there, unless some input ran out of memory even alone: then that input is the
+  cause, and it alone fails. A request fails only if it fails alone.
 * **Error isolation** (``on_error="isolate"``). If the model raises on a batch,
   the batch is bisected the same way to find the poison inputs: only they fail,
   their batch-mates get results. It costs O(k log n) extra calls for k poison
@@ -47,7 +48,7 @@ class Failed:
 class Outcome:
     """What one batch run produced, handed from the worker thread to the loop."""
 
-    __slots__ = ("error", "fit", "outputs", "seconds", "splits")
+    __slots__ = ("error", "fit", "lone_oom", "outputs", "seconds", "splits")
 
     def __init__(self, error: BaseException | None = None) -> None:
         self.outputs: list[Any] | None = None  # one per request; a Failed marks a lone failure
@@ -55,6 +56,12 @@ class Outcome:
         self.seconds = 0.0
         self.fit: int | None = None  # after an OOM: the largest size that then succeeded
         self.splits = 0  # how many times a (sub-)batch was halved
+        self.lone_oom = False  # some input ran out of memory on its own
+
+    @property
+    def oom_fit(self) -> int | None:
+        """The largest size that fit after an OOM, when batch size (not one input) was the cause."""
+        return None if self.lone_oom else self.fit
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -120,6 +127,8 @@ class Executor:
                 mid = len(items) // 2
                 first = yield from self._plan(items[:mid], outcome, top=False)
                 return first + (yield from self._plan(items[mid:], outcome, top=False))
+            if is_out_of_memory(exc):
+                outcome.lone_oom = outcome.lone_oom or len(items) == 1
             if top:
                 raise
             return [Failed(exc)] * len(items)
@@ -148,11 +157,16 @@ class Executor:
         outcome.seconds = time.perf_counter() - start
         return outcome
 
-    async def run_async(self, fn: Callable[[Any], Awaitable[Any]], items: list[Any]) -> Outcome:
-        """``run`` for an async model, awaited on the event loop; cancellation propagates.
+    async def run_async(
+        self, fn: Callable[[Any], Awaitable[Any]], items: list[Any], cancel_requested: Callable[[], bool]
+    ) -> Outcome:
+        """``run`` for an async model, awaited on the event loop.
 
-        Any other exception the model raises, ``BaseException`` subclasses
-        included, goes to the callers, as it does for a synchronous model.
+        A real cancellation (``cancel_requested()``) propagates. Any other
+        exception the model raises goes to the callers, as it does for a
+        synchronous model: ``BaseException`` subclasses included, and a
+        ``CancelledError`` the model raised on its own (say, from awaiting a
+        future that someone else cancelled).
         """
         cancelled = anyio.get_cancelled_exc_class()
         outcome = Outcome()
@@ -163,19 +177,36 @@ class Executor:
             while True:
                 try:
                     output = await fn(batch)
-                except cancelled:
-                    raise
+                except cancelled as exc:
+                    if cancel_requested():
+                        raise
+                    batch = plan.throw(_stray_cancellation(exc))
                 except BaseException as exc:
                     batch = plan.throw(exc)
                 else:
                     batch = plan.send(output)
         except StopIteration as done:
             outcome.outputs = done.value
-        except cancelled:
-            raise
+        except cancelled as exc:
+            if cancel_requested():
+                raise
+            outcome.error = _stray_cancellation(exc)
         except BaseException as exc:
             outcome.error = exc
         finally:
             plan.close()
         outcome.seconds = time.perf_counter() - start
         return outcome
+
+
+class ModelCancelledError(RuntimeError):
+    """The model raised a cancellation of its own (it was not being cancelled)."""
+
+
+def _stray_cancellation(cause: BaseException) -> ModelCancelledError:
+    error = ModelCancelledError(
+        "the model raised CancelledError without being cancelled (did it await a task or future that "
+        "something else cancelled?); its batch fails, the batcher keeps serving"
+    )
+    error.__cause__ = cause
+    return error

@@ -18,6 +18,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from ._collate import mismatch_error, not_a_batch_error
+from ._errors import InvalidInputError
 
 __all__ = ["PadSequences", "PaddedBatch", "pad_sequences"]
 
@@ -55,7 +56,7 @@ class PadSequences:
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(item, torch.Tensor) and item.dim() >= 1:
             return ("torch", tuple(item.shape[1:]), item.dtype, item.device)
-        raise TypeError(
+        raise InvalidInputError(
             f"pad_sequences() batches numpy arrays or torch tensors of shape (length, ...), "
             f"got {type(item).__qualname__} {getattr(item, 'shape', '')}".rstrip()
         )

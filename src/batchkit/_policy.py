@@ -35,8 +35,9 @@ from collections import deque
 from typing import Protocol
 
 from ._queue import Request
+from ._settings import Settings
 
-__all__ = ["AdaptiveWait", "ArrivalRate", "CostModel", "FixedWait", "FlushPolicy"]
+__all__ = ["AdaptiveWait", "ArrivalRate", "CostModel", "FixedWait", "FlushPolicy", "OomCap", "make_policy"]
 
 
 class CostModel:
@@ -169,3 +170,64 @@ class AdaptiveWait:
 
     def flush_at(self, oldest: Request, size: int, limit: int) -> float:
         return oldest.enqueued_at + self.wait_for(size, limit)
+
+
+def make_policy(settings: Settings, cost: CostModel, arrivals: ArrivalRate) -> FlushPolicy:
+    """The flush policy ``settings.max_wait_ms`` asks for."""
+    if settings.max_wait_ms == "auto":
+        return AdaptiveWait(cost, arrivals, settings.max_latency)
+    return FixedWait(settings.max_wait_ms / 1000)
+
+
+class OomCap:
+    """How large a batch may be after the model ran out of memory, and how it recovers.
+
+    A batch that ran out of memory is halved until its parts fit (see
+    ``Executor``); the largest part that fit becomes the cap. An input that runs
+    out of memory even alone is that input's error, not evidence about batch
+    size: it leaves the cap alone. After ``patience`` clean batches in a row at
+    the cap, the cap doubles, until it no longer binds (memory pressure passes:
+    another model unloaded, long inputs gone). A doubling that runs out of memory
+    again doubles the patience, so a hard limit is probed ever more rarely.
+    ``configure(max_batch_size=...)`` resets it.
+    """
+
+    __slots__ = ("_clean", "_patience", "_probing", "value")
+
+    PATIENCE = 64
+
+    def __init__(self) -> None:
+        self.value: int | None = None
+        self._clean = 0
+        self._patience = self.PATIENCE
+        self._probing = False
+
+    def reset(self) -> None:
+        self.value, self._clean, self._patience, self._probing = None, 0, self.PATIENCE, False
+
+    def observe(self, fit: int | None, size: int, limit: int) -> bool:
+        """Learn from one batch of ``size`` (``fit``: the largest size that fit after an OOM).
+
+        Returns True if the cap changed.
+        """
+        if fit is not None:
+            if self._probing:
+                self._patience *= 2  # the last doubling was too hopeful
+            self._probing = False
+            self._clean = 0
+            if fit >= 1 and (self.value is None or fit < self.value) and fit < limit:
+                self.value = fit
+                return True
+            return False
+        if self.value is None or size < self.value:
+            return False  # a batch below the cap says nothing about larger ones
+        self._clean += 1
+        if self._clean < self._patience:
+            return False
+        self._clean = 0
+        self._probing = True
+        self.value = None if 2 * self.value >= limit else 2 * self.value
+        return True
+
+    def limit(self, limit: int) -> int:
+        return limit if self.value is None else min(limit, self.value)

@@ -1,40 +1,44 @@
-"""Pending requests: grouped by collate key, served by urgency.
+"""Pending requests: grouped by collate key, served by urgency, dead ones dropped.
 
 Each request carries the key its input was given by the collator (shape, dtype,
 structure...). Requests with different keys can never be stacked together, so
-the queue keeps one group per key, and the worker serves the ready group whose
-oldest live request is the oldest overall: no key can starve another.
+the queue keeps one group per key; the scheduler decides which group goes next.
 
 Within a group, requests are taken in order of *urgency*, one number per request:
 
     urgency = deadline - priority * priority_aging
 
-where a request without a deadline counts as due ``slack`` after it arrived
-(the batcher's default timeout, or 10 s). So among equal priorities the earliest
-deadline goes first (plain FIFO when every request has the same timeout), and
-each priority level is worth ``priority_aging`` seconds of head start: a
-high-priority request jumps ahead, but a low-priority one that has waited long
-enough is served before newer high-priority ones, so none starves.
+where a request without a deadline counts as due ``slack`` after it arrived. So
+among equal priorities the earliest deadline goes first, and each priority level
+is worth ``priority_aging`` seconds of head start (a low-priority request that
+has waited long enough still goes first: none starves).
 
-Requests with no priority and no deadline of their own are the common case; they
-arrive in urgency order, so they sit in a plain FIFO (O(1) per request). Only the
-others go through a heap (O(log n)). Cancelled and timed-out requests are not
-searched for: they are marked dead and skipped when reached. ``live`` counts
-only requests that still want an answer.
+*Plain* requests (no priority, deadline or cost of their own) are the common
+case. They arrive in urgency and deadline order, so they sit in a FIFO: O(1) per
+request, and the head is both the oldest and the earliest deadline. The others
+go through a heap by urgency, plus a heap by deadline and a list by arrival.
+
+The queue never changes a request's state; the scheduler does. A request that
+leaves early (cancelled, expired) is not searched for: the scheduler marks it and
+clears its input at once, ``forget`` counts it out, and the queue drops it when
+it reaches a head, or when a group holds more dead entries than live ones (it is
+then compacted). So memory stays within a small factor of ``live``, which
+``max_queue_size`` bounds.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 __all__ = ["CANCELLED", "DONE", "QUEUED", "RUNNING", "TIMED_OUT", "Request", "RequestQueue"]
 
-# Request.state: a request moves forward only, and is answered exactly once,
-# by whichever transition takes it out of QUEUED/RUNNING first.
+# Request.state moves forward only: QUEUED -> RUNNING -> DONE, or to CANCELLED /
+# TIMED_OUT from either of the first two. The scheduler makes every change.
 QUEUED = 0
 RUNNING = 1
 DONE = 2
@@ -42,58 +46,65 @@ CANCELLED = 3
 TIMED_OUT = 4
 
 _sequence = itertools.count()
+_COMPACT_MIN = 64  # dead entries a group may hold before it is compacted, whatever its size
 
 
 class Request:
     """One caller's input and the handle that wakes it up."""
 
-    __slots__ = ("cost", "deadline", "enqueued_at", "item", "key", "state", "timer", "urgency", "waiter")
+    __slots__ = ("cost", "deadline", "enqueued_at", "item", "key", "state", "urgency", "waiter")
 
     def __init__(
-        self,
-        item: Any,
-        key: Hashable,
-        enqueued_at: float,
-        deadline: float | None,
-        urgency: float,
-        cost: float = 1.0,
+        self, item: Any, key: Hashable, enqueued_at: float, deadline: float, urgency: float, cost: float = 1.0
     ) -> None:
         self.item = item
         self.key = key
         self.enqueued_at = enqueued_at
-        self.deadline = deadline
+        self.deadline = deadline  # math.inf when there is none
         self.urgency = urgency
         self.cost = cost
         self.state = QUEUED
         self.waiter: Any = None  # backend-specific: an asyncio future or a trio task
-        self.timer: Any = None  # backend-specific deadline handle, if any
-
-
-def _drop_dead(requests: deque[Request]) -> None:
-    while requests and requests[0].state != QUEUED:
-        requests.popleft()
 
 
 class _Group:
-    __slots__ = ("cost", "fifo", "live", "urgent", "urgent_by_age")
+    __slots__ = ("by_arrival", "by_deadline", "cost", "fifo", "live", "urgent")
 
     def __init__(self) -> None:
-        self.fifo: deque[Request] = deque()  # plain requests: arrival order is urgency order
+        self.fifo: deque[Request] = deque()  # plain requests
         self.urgent: list[tuple[float, int, Request]] = []  # the others, a heap by urgency
-        self.urgent_by_age: deque[Request] = deque()  # the same, in arrival order
+        self.by_arrival: deque[Request] = deque()  # the others, in arrival order
+        self.by_deadline: list[tuple[float, int, Request]] = []  # the others with a deadline
         self.live = 0
         self.cost = 0.0
 
-    def oldest(self) -> Request | None:
-        _drop_dead(self.fifo)
-        _drop_dead(self.urgent_by_age)
-        heads = [q[0] for q in (self.fifo, self.urgent_by_age) if q]
-        return min(heads, key=lambda r: r.enqueued_at) if heads else None
+    def oldest(self) -> Request:
+        """The live request that arrived first (the group has one)."""
+        fifo, by_arrival = self.fifo, self.by_arrival
+        while fifo and fifo[0].state != QUEUED:
+            fifo.popleft()
+        while by_arrival and by_arrival[0].state != QUEUED:
+            by_arrival.popleft()
+        if not by_arrival:
+            return fifo[0]
+        if not fifo or by_arrival[0].enqueued_at < fifo[0].enqueued_at:
+            return by_arrival[0]
+        return fifo[0]
+
+    def earliest_deadline(self) -> float:
+        by_deadline = self.by_deadline
+        while by_deadline and by_deadline[0][2].state != QUEUED:
+            heapq.heappop(by_deadline)
+        fifo = self.fifo
+        while fifo and fifo[0].state != QUEUED:
+            fifo.popleft()
+        first = fifo[0].deadline if fifo else math.inf
+        return min(first, by_deadline[0][0]) if by_deadline else first
 
     def most_urgent(self) -> Request | None:
-        """The next request to serve (left in place)."""
         fifo, urgent = self.fifo, self.urgent
-        _drop_dead(fifo)
+        while fifo and fifo[0].state != QUEUED:
+            fifo.popleft()
         while urgent and urgent[0][2].state != QUEUED:
             heapq.heappop(urgent)
         if not urgent:
@@ -108,9 +119,19 @@ class _Group:
         else:
             heapq.heappop(self.urgent)
 
+    def compact_if_sparse(self) -> None:
+        entries = len(self.fifo) + len(self.by_arrival)
+        if entries > 2 * self.live + _COMPACT_MIN:
+            self.fifo = deque(r for r in self.fifo if r.state == QUEUED)
+            self.by_arrival = deque(r for r in self.by_arrival if r.state == QUEUED)
+            self.urgent = [e for e in self.urgent if e[2].state == QUEUED]
+            self.by_deadline = [e for e in self.by_deadline if e[2].state == QUEUED]
+            heapq.heapify(self.urgent)
+            heapq.heapify(self.by_deadline)
+
 
 class RequestQueue:
-    """Groups of requests keyed by their collate key."""
+    """Groups of queued requests keyed by their collate key."""
 
     __slots__ = ("_groups", "live")
 
@@ -119,37 +140,59 @@ class RequestQueue:
         self.live = 0
 
     def push(self, request: Request, plain: bool) -> _Group:
-        """Add ``request``; ``plain`` when it has no priority or deadline of its own."""
+        """Add ``request``; ``plain`` when it has no priority, deadline or cost of its own."""
         group = self._groups.get(request.key)
         if group is None:
             group = self._groups[request.key] = _Group()
-        if plain:
-            group.fifo.append(request)
+        fifo = group.fifo
+        # The FIFO stays in urgency and deadline order (a configure() may break that).
+        if plain and (not fifo or (fifo[-1].urgency <= request.urgency and fifo[-1].deadline <= request.deadline)):
+            fifo.append(request)
         else:
-            heapq.heappush(group.urgent, (request.urgency, next(_sequence), request))
-            group.urgent_by_age.append(request)
+            entry = (request.urgency, next(_sequence), request)
+            heapq.heappush(group.urgent, entry)
+            group.by_arrival.append(request)
+            if request.deadline != math.inf:
+                heapq.heappush(group.by_deadline, (request.deadline, entry[1], request))
         group.live += 1
         group.cost += request.cost
         self.live += 1
         return group
 
-    def discard(self, request: Request) -> None:
-        """Forget a queued request that no longer wants an answer (lazy removal)."""
+    def forget(self, request: Request) -> None:
+        """Count out a queued request that is leaving (the scheduler marks its new state)."""
         group = self._groups[request.key]
         group.live -= 1
         group.cost -= request.cost
         self.live -= 1
+        if not group.live:
+            del self._groups[request.key]
+        else:
+            group.compact_if_sparse()
 
-    def oldest(self) -> list[tuple[Hashable, Request, _Group]]:
-        """(key, oldest live request, group) for each non-empty group."""
-        heads = []
-        for key, group in list(self._groups.items()):
-            head = group.oldest()
-            if head is None:
-                del self._groups[key]
-            else:
-                heads.append((key, head, group))
-        return heads
+    def groups(self) -> Iterator[tuple[Hashable, _Group]]:
+        """(key, group) for every group with a live request."""
+        return iter(list(self._groups.items()))
+
+    def expired(self, now: float) -> list[Request]:
+        """Remove and return the requests whose deadline is ``now`` or earlier."""
+        found: list[Request] = []
+        for group in self._groups.values():
+            if group.earliest_deadline() > now:
+                continue
+            fifo = group.fifo
+            while fifo and (fifo[0].state != QUEUED or fifo[0].deadline <= now):
+                head = fifo.popleft()
+                if head.state == QUEUED:
+                    found.append(head)
+            by_deadline = group.by_deadline
+            while by_deadline and by_deadline[0][0] <= now:
+                request = heapq.heappop(by_deadline)[2]
+                if request.state == QUEUED:
+                    found.append(request)
+        for request in found:
+            self.forget(request)
+        return found
 
     def pop(self, key: Hashable, limit: int, max_cost: float | None = None, padded: bool = False) -> list[Request]:
         """Take up to ``limit`` live requests of group ``key``, most urgent first.
@@ -167,7 +210,7 @@ class RequestQueue:
                 head = fifo.popleft()
                 if head.state == QUEUED:
                     batch.append(head)
-            return self._taken(key, group, batch, sum(r.cost for r in batch))
+            return self._taken(key, group, batch, float(len(batch)))
         total = largest = 0.0
         while len(batch) < limit:
             request = group.most_urgent()
@@ -188,12 +231,14 @@ class RequestQueue:
         group.live -= len(batch)
         group.cost -= cost
         self.live -= len(batch)
-        if not group.live:  # only dead requests left, if any: forget them with the group
+        if not group.live:  # only dead entries left, if any: forget them with the group
             del self._groups[key]
+        else:
+            group.compact_if_sparse()
         return batch
 
     def pop_all(self) -> list[Request]:
-        """Take every live request (used when the batcher dies)."""
+        """Take every live request (used when the batcher stops)."""
         batch: list[Request] = []
         for key in list(self._groups):
             batch.extend(self.pop(key, self._groups[key].live))

@@ -9,17 +9,20 @@ Each slot owns its thread rather than borrowing a pool's: the model always runs
 on the same thread (thread-local state, CUDA streams and BLAS pools stay put),
 batches on one slot run strictly in order, and ``aclose()`` joins the thread so
 nothing outlives the batcher. A job reports its own result back to the event
-loop (see ``Batcher._run_sync``).
+loop (see ``Worker``).
+
+``Replicas`` lets a batch function come with one variant per slot (the copies
+of a module on several devices, say); ``Batcher`` gives slot *i* ``fns[i]``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from queue import SimpleQueue
 from typing import Any
 
-__all__ = ["Slot", "ThreadRunner"]
+__all__ = ["Replicas", "Slot", "ThreadRunner"]
 
 
 class ThreadRunner:
@@ -51,15 +54,28 @@ class ThreadRunner:
             job()
 
 
-class Slot:
-    """One replica of the model and the thread it runs on (None for an async model)."""
+class Replicas:
+    """One batch function per slot; calling it calls the first."""
 
-    __slots__ = ("batch", "deadline", "fn", "generation", "index", "runner")
+    __slots__ = ("__weakref__", "fns")
+
+    def __init__(self, fns: Sequence[Callable[[Any], Any]]) -> None:
+        if not fns:
+            raise ValueError("Replicas needs at least one function")
+        self.fns = list(fns)
+
+    def __call__(self, batch: Any) -> Any:
+        return self.fns[0](batch)
+
+
+class Slot:
+    """One place a batch runs: a replica of the model and its thread (None for an async model)."""
+
+    __slots__ = ("batch", "deadline", "fn", "index", "runner")
 
     def __init__(self, index: int, fn: Callable[[Any], Any], runner: ThreadRunner | None) -> None:
         self.index = index
         self.fn = fn
         self.runner = runner
-        self.generation = 0  # bumped when a hung thread is abandoned: its late results are ignored
-        self.batch: list[Any] | None = None  # the requests it runs now
+        self.batch: Any = None  # the batch it runs now; a late result for any other batch is ignored
         self.deadline: float | None = None  # when the running batch counts as hung

@@ -2,58 +2,104 @@
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["BatcherStats", "LatencySummary", "LatencyWindow"]
+import numpy as np
+
+__all__ = ["BatcherStats", "Histogram", "LatencySummary"]
 
 WINDOW = 10_000
-"""How many recent samples the latency summaries are computed over."""
+"""Samples per histogram window: summaries cover the last 10,000 to 20,000 samples."""
 
 
 @dataclass(frozen=True)
 class LatencySummary:
-    """Percentiles of the most recent samples of one duration, in milliseconds."""
+    """Percentiles of the most recent samples of one duration, in milliseconds.
+
+    Percentiles are read from log-spaced buckets (within 4.5 %); ``mean`` and
+    ``max`` are exact.
+    """
 
     count: int
-    """Samples in the window (at most the last 10,000)."""
+    """Samples summarized (the last 10,000 to 20,000)."""
     mean: float
     p50: float
     p90: float
     p99: float
     max: float
 
-    @classmethod
-    def of(cls, samples_ms: Iterable[float]) -> LatencySummary:
-        ordered = sorted(samples_ms)
-        n = len(ordered)
-        if not n:
-            return cls(0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
-        def rank(q: float) -> float:
-            return ordered[min(n - 1, int(q * n))]
+class Histogram:
+    """Recent durations in log-spaced buckets: O(1) to record, O(buckets) to summarize.
 
-        return cls(n, sum(ordered) / n, rank(0.50), rank(0.90), rank(0.99), ordered[-1])
+    Buckets are 1/16 of an octave wide (under 4.5 % apart) from 1 µs to about a
+    day. Two windows of ``WINDOW`` samples each take turns, so a summary covers
+    between the last ``WINDOW`` and ``2 * WINDOW`` samples: recent, and never a
+    sort on the event loop. Batches of durations are binned with numpy.
+    """
 
+    __slots__ = ("_count", "_counts", "_max", "_older", "_sum")
 
-class LatencyWindow:
-    """The last ``WINDOW`` durations recorded (seconds in, milliseconds out)."""
-
-    __slots__ = ("_samples",)
+    PER_OCTAVE = 16
+    BUCKETS = 37 * PER_OCTAVE  # 1 µs * 2**37 is about 38 hours
+    _EDGES = 1e-6 * np.exp2((np.arange(BUCKETS) + 0.5) / PER_OCTAVE)  # a bucket's representative value
 
     def __init__(self) -> None:
-        self._samples: deque[float] = deque(maxlen=WINDOW)
+        self._counts = np.zeros(self.BUCKETS, dtype=np.int64)
+        self._older: tuple[np.ndarray, int, float, float] | None = None
+        self._count = 0
+        self._sum = 0.0
+        self._max = 0.0
+
+    def _rotate(self) -> None:
+        if self._count >= WINDOW:
+            self._older = (self._counts, self._count, self._sum, self._max)
+            self._counts = np.zeros(self.BUCKETS, dtype=np.int64)
+            self._count, self._sum, self._max = 0, 0.0, 0.0
 
     def add(self, seconds: float) -> None:
-        self._samples.append(seconds)
+        self._rotate()
+        index = int(math.log2(seconds * 1e6) * self.PER_OCTAVE) if seconds > 1e-6 else 0
+        self._counts[min(index, self.BUCKETS - 1)] += 1
+        self._count += 1
+        self._sum += seconds
+        if seconds > self._max:
+            self._max = seconds
 
-    def extend(self, seconds: Iterable[float]) -> None:
-        self._samples.extend(seconds)
+    def add_since(self, now: float, starts: list[float]) -> None:
+        """Record ``now - start`` for each of ``starts``."""
+        n = len(starts)
+        if n < 8:
+            for start in starts:
+                self.add(now - start)
+            return
+        self._rotate()
+        durations = now - np.asarray(starts)
+        index = np.log2(np.maximum(durations, 1e-6) * 1e6) * self.PER_OCTAVE
+        self._counts += np.bincount(np.minimum(index.astype(np.int64), self.BUCKETS - 1), minlength=self.BUCKETS)
+        self._count += n
+        total = float(durations.sum())
+        self._sum += total
+        self._max = max(self._max, now - min(starts))
 
     def summary(self) -> LatencySummary:
-        samples = self._samples.copy()  # atomic: safe while the event loop appends
-        return LatencySummary.of(s * 1000.0 for s in samples)
+        counts, n, total, peak = self._counts.copy(), self._count, self._sum, self._max
+        older = self._older
+        if older is not None:
+            counts += older[0]
+            n, total, peak = n + older[1], total + older[2], max(peak, older[3])
+        if not n:
+            return LatencySummary(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        cumulative = np.cumsum(counts)
+        binned = int(cumulative[-1])  # equals n, unless read mid-update from another thread
+
+        def rank(q: float) -> float:
+            index = int(np.searchsorted(cumulative, min(binned, int(q * binned) + 1)))
+            return min(float(self._EDGES[index]), peak) * 1000.0
+
+        return LatencySummary(n, total / n * 1000.0, rank(0.50), rank(0.90), rank(0.99), peak * 1000.0)
 
 
 @dataclass(frozen=True)
@@ -110,3 +156,56 @@ class BatcherStats:
         if not self.batches:
             return 0.0
         return sum(size * count for size, count in self.batch_sizes.items()) / self.batches
+
+
+class Counters:
+    """The live counters of one batcher, kept by its scheduler (on the event loop).
+
+    ``snapshot`` copies them into a ``BatcherStats``; it is safe from any thread
+    and costs O(histogram buckets), never a sort.
+    """
+
+    __slots__ = (
+        "batch_sizes",
+        "batches",
+        "cancelled",
+        "completed",
+        "failed",
+        "hung",
+        "in_flight",
+        "latency",
+        "oom_splits",
+        "queue_wait",
+        "rejected",
+        "requests",
+        "run_time",
+        "timed_out",
+    )
+
+    def __init__(self) -> None:
+        self.requests = self.batches = self.completed = self.failed = self.rejected = 0
+        self.timed_out = self.cancelled = self.in_flight = self.oom_splits = self.hung = 0
+        self.batch_sizes: dict[int, int] = {}
+        self.queue_wait = Histogram()
+        self.run_time = Histogram()
+        self.latency = Histogram()
+
+    def snapshot(self, *, pending: int, batch_size_limit: int) -> BatcherStats:
+        return BatcherStats(
+            requests=self.requests,
+            batches=self.batches,
+            completed=self.completed,
+            failed=self.failed,
+            rejected=self.rejected,
+            timed_out=self.timed_out,
+            cancelled=self.cancelled,
+            pending=pending,
+            in_flight=self.in_flight,
+            batch_sizes=dict(sorted(self.batch_sizes.copy().items())),
+            queue_wait_ms=self.queue_wait.summary(),
+            run_time_ms=self.run_time.summary(),
+            latency_ms=self.latency.summary(),
+            oom_splits=self.oom_splits,
+            batch_size_limit=batch_size_limit,
+            hung_batches=self.hung,
+        )

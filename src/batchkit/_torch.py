@@ -1,6 +1,7 @@
 """Serving a ``torch.nn.Module``: placement, inference mode, CUDA streams, pinned memory.
 
-``Batcher.from_module`` builds one *slot function* per (replica, pipeline stage):
+``module_replicas`` (behind ``Batcher.from_module``) builds one *slot function*
+per (replica, pipeline stage), as a ``Replicas``:
 
 * Each replica is a copy of the module on one device (the module itself first).
 * On CUDA, each slot has its own CUDA stream and its own worker thread, and a
@@ -22,22 +23,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-if sys.version_info >= (3, 11):
-    from typing import Unpack
-else:
-    from typing_extensions import Unpack
+from ._runner import Replicas
 
-if TYPE_CHECKING:
-    from ._batcher import Batcher, ModuleBatcherOptions
-
-__all__ = ["ModuleFn", "from_module"]
+__all__ = ["ModuleFn", "module_replicas"]
 
 DeviceLike = str | torch.device
 
@@ -160,7 +154,7 @@ def _resolve_dtype(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.
     return dtype
 
 
-def from_module(
+def module_replicas(
     module: torch.nn.Module,
     *,
     device: DeviceLike | None = None,
@@ -168,11 +162,8 @@ def from_module(
     outputs_on: Literal["cpu", "device"] = "cpu",
     replicas: int | Sequence[DeviceLike] = 1,
     pipeline_depth: int | None = None,
-    **batcher_options: Unpack[ModuleBatcherOptions],
-) -> Batcher[Any, Any]:
-    """See ``Batcher.from_module``."""
-    from ._batcher import Batcher
-
+) -> Replicas:
+    """The slot functions that serve ``module`` (see ``Batcher.from_module``)."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"from_module serves a torch.nn.Module, got {type(module).__qualname__}")
     if outputs_on not in ("cpu", "device"):
@@ -197,7 +188,4 @@ def from_module(
         copy_ = module if index == 0 else copy.deepcopy(module)
         copy_ = copy_.to(place).eval()
         fns.extend(ModuleFn(copy_, place, input_dtype, outputs_on) for _ in range(pipeline_depth))
-    batcher_options.setdefault("name", type(module).__qualname__)
-    batcher: Batcher[Any, Any] = Batcher(fns[0], replicas=len(fns), **batcher_options)
-    batcher._replica_fns = fns
-    return batcher
+    return Replicas(fns)

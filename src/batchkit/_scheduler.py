@@ -1,0 +1,449 @@
+"""The scheduler: owns every request from ``submit`` to its answer.
+
+It holds the queue, decides when a group is flushed, keeps the deadlines (one
+timer per batcher: the worker's sleep, never one per request), and makes every
+change of a request's state:
+
+```text
+            submit                 take                  finish
+  (caller) ───────▶ QUEUED ─────────────▶ RUNNING ─────────────▶ DONE
+                      │  \\                   │ \\
+               abandon│   expire / hopeless  │  expire
+                      ▼        ▼     abandon ▼   ▼
+                  CANCELLED  TIMED_OUT   CANCELLED TIMED_OUT
+```
+
+A request is answered exactly once, by whichever transition takes it out of
+``QUEUED``/``RUNNING`` first; every later one sees its state and does nothing.
+Everything here runs on the event loop thread, so nothing needs a lock.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import anyio
+
+from ._backend import Backend
+from ._errors import BatcherClosedError, InvalidInputError, QueueFullError, RequestTimeoutError
+from ._execute import Failed, Outcome
+from ._policy import ArrivalRate, CostModel, FlushPolicy, OomCap, make_policy
+from ._queue import CANCELLED, DONE, QUEUED, RUNNING, TIMED_OUT, Request, RequestQueue
+from ._settings import Settings, check_ms
+from ._stats import BatcherStats, Counters
+
+__all__ = ["Batch", "Scheduler", "clock"]
+
+logger = logging.getLogger("batchkit")
+
+clock = time.perf_counter
+"""batchkit's clock for arrival times, deadlines and latencies (sub-microsecond, monotonic)."""
+
+_NO_GROUP = object()  # a collate key may be None
+_FLUSH_MARGIN = 0.002  # the least time a batch is flushed ahead of what its earliest deadline needs
+
+
+class Batch:
+    """Requests taken together for one model call, with their inputs."""
+
+    __slots__ = ("deadline", "items", "requests")
+
+    def __init__(self, requests: list[Request], items: list[Any], deadline: float) -> None:
+        self.requests = requests
+        self.items = items
+        self.deadline = deadline  # the earliest deadline of a request still waiting
+
+
+def _copies(error: BaseException, n: int) -> list[BaseException]:
+    """One exception object per caller, so that tracebacks do not pile up on one."""
+    errors = [error]
+    for _ in range(n - 1):
+        try:
+            twin = copy.copy(error)
+        except Exception:
+            twin = error
+        if twin is not error:
+            twin.__cause__ = error.__cause__
+            twin.__context__ = error.__context__
+            twin.__suppress_context__ = error.__suppress_context__
+            twin.__traceback__ = error.__traceback__
+        errors.append(twin)
+    return errors
+
+
+def _check_cost(cost: object) -> float:
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)):
+        raise TypeError(f"batch_cost must return a number, got {type(cost).__qualname__}")
+    if not math.isfinite(cost) or cost < 0:
+        raise ValueError(f"batch_cost must return a finite number >= 0, got {cost}")
+    return float(cost)
+
+
+def _check_priority(priority: object) -> float:
+    if isinstance(priority, bool) or not isinstance(priority, (int, float)):
+        raise TypeError(f"priority must be a number, got {type(priority).__qualname__}")
+    if not math.isfinite(priority):
+        raise ValueError(f"priority must be finite, got {priority}")
+    return float(priority)
+
+
+class Scheduler:
+    """The queue, the flush decision, the deadlines and every request state change."""
+
+    def __init__(self, settings: Settings, key: Callable[[Any], Hashable], *, padded_cost: bool, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.counters = Counters()
+        self.cost_model = CostModel()
+        self.closing = False
+        self._key = key
+        self._padded_cost = padded_cost
+        self._queue = RequestQueue()
+        self._arrivals = ArrivalRate()
+        self._policy: FlushPolicy = make_policy(settings, self.cost_model, self._arrivals)
+        self._oom = OomCap()
+        self.limit = settings.limit  # the largest batch to form now (OOM cap included)
+        self._backend: Backend | None = None
+        self._running: set[Batch] = set()
+        self._wakeup: anyio.Event | None = None  # set while the worker sleeps
+        self._wake_size: float = 1  # a push wakes the sleeping worker when its group reaches this size
+        self._sleep_until = math.inf  # when the sleeping worker wakes anyway
+        self._flush_at = math.inf  # the earliest time a group not yet due becomes due
+
+    # -- binding to an event loop ---------------------------------------------------
+
+    def attach(self, backend: Backend) -> None:
+        self._backend = backend
+
+    def detach(self) -> None:
+        self._backend = None
+        self._wakeup = None
+
+    # -- settings ---------------------------------------------------------------------
+
+    def reconfigure(self, settings: Settings, *, reset_oom: bool) -> None:
+        """Swap in new settings (from the next batch on) and look at the queue again."""
+        if settings.max_wait_ms != self.settings.max_wait_ms or settings.max_latency != self.settings.max_latency:
+            self._policy = make_policy(settings, self.cost_model, self._arrivals)
+        self.settings = settings
+        if reset_oom:
+            self._oom.reset()
+        self.limit = self._oom.limit(settings.limit)
+        self.wake()
+
+    # -- requests in: the caller's side --------------------------------------------
+
+    def refuse(self, error: BaseException) -> BaseException:
+        """Count a request refused before it was queued; returns ``error`` for the caller to raise."""
+        self.counters.requests += 1
+        self.counters.rejected += 1
+        return error
+
+    def closed_error(self) -> BatcherClosedError:
+        return BatcherClosedError(f"batcher {self.name!r} is closed")
+
+    def submit(self, x: Any, timeout_ms: float | None, priority: float) -> Request:
+        """Queue one input (on the loop); raises for this caller only."""
+        counters = self.counters
+        counters.requests += 1
+        settings = self.settings
+        if self.closing:
+            counters.rejected += 1
+            raise self.closed_error()
+        queue = self._queue
+        if queue.live >= settings.max_queue_size:
+            counters.rejected += 1
+            raise QueueFullError(
+                f"batcher {self.name!r} has {queue.live} requests queued (max_queue_size={settings.max_queue_size})"
+            )
+        now = clock()
+        try:
+            try:
+                key = self._key(x)
+            except TypeError as error:
+                if isinstance(error, InvalidInputError):
+                    raise
+                raise InvalidInputError(str(error)) from error
+            if timeout_ms is None and not priority and settings.batch_cost is None:  # the common case, kept short
+                timeout = settings.timeout
+                deadline = math.inf if timeout is None else now + timeout
+                request = Request(x, key, now, deadline, now + settings.slack if timeout is None else deadline)
+                plain = True
+            else:
+                request = self._special(x, key, now, timeout_ms, priority)
+                plain = timeout_ms is None and not priority
+        except BaseException:
+            counters.failed += 1
+            raise
+        group = queue.push(request, plain)
+        wakeup = self._wakeup
+        if wakeup is not None and (
+            group.live >= self._wake_size
+            or request.deadline < self._sleep_until
+            or (settings.max_batch_cost is not None and group.cost >= settings.max_batch_cost)
+        ):
+            self._wakeup = None
+            wakeup.set()
+        return request
+
+    def _special(self, x: Any, key: Hashable, now: float, timeout_ms: float | None, priority: float) -> Request:
+        """A request with its own timeout or priority, or a cost."""
+        settings = self.settings
+        cost = 1.0 if settings.batch_cost is None else _check_cost(settings.batch_cost(x))
+        if timeout_ms is None:
+            deadline = math.inf if settings.timeout is None else now + settings.timeout
+        else:
+            deadline = now + check_ms("timeout_ms", timeout_ms, allow_zero=False) / 1000
+        due = now + settings.slack if deadline == math.inf else deadline
+        return Request(x, key, now, deadline, due - _check_priority(priority) * settings.priority_aging, cost)
+
+    def abandon(self, request: Request) -> None:
+        """The caller stopped waiting (cancelled): never answer it, never send it."""
+        state = request.state
+        if state == QUEUED:
+            request.state = CANCELLED
+            request.item = None
+            self._queue.forget(request)
+        elif state == RUNNING:
+            request.state = CANCELLED
+            self.counters.in_flight -= 1
+        else:
+            return
+        self.counters.cancelled += 1
+
+    # -- batches out: the worker's side ----------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return self._queue.live
+
+    def take(self, now: float) -> Batch | None:
+        """The batch to run now, if a group is due; else remember when one will be."""
+        self._arrivals.observe(self.counters.requests, now)
+        while True:
+            key = self._due_group(now)
+            if key is _NO_GROUP:
+                return None
+            batch = self._take_group(key, now)
+            if batch is not None:
+                return batch
+
+    def _take_group(self, key: Hashable, now: float) -> Batch | None:
+        requests = self._queue.pop(key, self.limit, self.settings.max_batch_cost, self._padded_cost)
+        backend = self._backend
+        assert backend is not None
+        horizon = now + self.cost_model.fastest_recent()
+        counters = self.counters
+        taken: list[Request] = []
+        items: list[Any] = []
+        starts: list[float] = []
+        deadline = math.inf
+        for request in requests:
+            if backend.withdrawn(request):  # cancelled in this very tick: its task has not run yet
+                request.state = CANCELLED
+                request.item = None
+                counters.cancelled += 1
+            elif request.deadline <= horizon:
+                # It cannot finish in time (less time left than the fastest recent batch took): fail it now.
+                request.state = TIMED_OUT
+                request.item = None
+                counters.timed_out += 1
+                backend.fail(request, self._timeout_error(request, early=request.deadline > now))
+            else:
+                request.state = RUNNING
+                taken.append(request)
+                items.append(request.item)
+                request.item = None
+                starts.append(request.enqueued_at)
+                if request.deadline < deadline:
+                    deadline = request.deadline
+        if not taken:
+            return None
+        counters.queue_wait.add_since(now, starts)
+        counters.in_flight += len(taken)
+        counters.batches += 1
+        size = len(taken)
+        counters.batch_sizes[size] = counters.batch_sizes.get(size, 0) + 1
+        batch = Batch(taken, items, deadline)
+        self._running.add(batch)
+        return batch
+
+    def _due_group(self, now: float) -> Hashable:
+        """The key of the group to flush now (the one whose oldest request is oldest), or ``_NO_GROUP``."""
+        best_key: Hashable = _NO_GROUP
+        best_time = math.inf
+        flush_at = math.inf
+        limit = self.limit
+        max_cost = self.settings.max_batch_cost
+        for key, group in self._queue.groups():
+            head = group.oldest()
+            if self.closing or group.live >= limit or (max_cost is not None and group.cost >= max_cost):
+                due = now
+            else:
+                due = self._policy.flush_at(head, group.live, limit)
+                deadline = group.earliest_deadline()
+                if deadline < due:
+                    # Flush early enough for the earliest deadline to be met, with a margin for
+                    # the run's spread and the loop's latency (a tenth of the wait, at least 2 ms).
+                    margin = max(_FLUSH_MARGIN, 0.1 * (deadline - head.enqueued_at))
+                    due = min(due, deadline - 1.25 * self.cost_model.expected(group.live) - margin)
+            if due <= now:
+                if head.enqueued_at < best_time:
+                    best_key, best_time = key, head.enqueued_at
+            elif due < flush_at:
+                flush_at = due
+        self._flush_at = flush_at
+        return best_key
+
+    def expire(self, now: float) -> None:
+        """Fail every request whose deadline has passed, queued or running."""
+        backend = self._backend
+        assert backend is not None
+        counters = self.counters
+        for request in self._queue.expired(now):
+            request.state = TIMED_OUT
+            request.item = None
+            counters.timed_out += 1
+            backend.fail(request, self._timeout_error(request))
+        for batch in self._running:
+            if batch.deadline > now:
+                continue
+            earliest = math.inf
+            for request in batch.requests:
+                if request.state != RUNNING:
+                    continue
+                if request.deadline <= now:
+                    request.state = TIMED_OUT
+                    counters.timed_out += 1
+                    counters.in_flight -= 1
+                    backend.fail(request, self._timeout_error(request))
+                elif request.deadline < earliest:
+                    earliest = request.deadline
+            batch.deadline = earliest
+
+    def _next_deadline(self) -> float:
+        earliest = min((group.earliest_deadline() for _, group in self._queue.groups()), default=math.inf)
+        return min(earliest, min((batch.deadline for batch in self._running), default=math.inf))
+
+    async def sleep(self, *, can_start: bool, until: float = math.inf) -> None:
+        """Sleep until a batch may be due, a deadline passes, ``until``, or ``wake()``."""
+        wake_at = min(until, self._next_deadline())
+        if can_start:
+            wake_at = min(wake_at, self._flush_at)
+            # Nothing queued: any push may be due. Something queued: its flush time is
+            # known, so only a group becoming full (or a new, earlier deadline) changes it.
+            self._wake_size = 1 if self._flush_at == math.inf else self.limit
+        else:
+            self._wake_size = math.inf  # all slots busy: only a finished batch (or a deadline) matters
+        self._sleep_until = wake_at
+        wakeup = self._wakeup = anyio.Event()
+        try:
+            if wake_at == math.inf:
+                await wakeup.wait()
+            else:
+                with anyio.move_on_after(max(0.0, wake_at - clock())):
+                    await wakeup.wait()
+        finally:
+            self._wakeup = None
+            self._sleep_until = -math.inf
+
+    def wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set()
+
+    # -- answers -----------------------------------------------------------------------
+
+    def finish(self, batch: Batch, outcome: Outcome) -> None:
+        """A batch ran: learn from it, then answer each of its callers still waiting."""
+        self._running.discard(batch)
+        counters = self.counters
+        counters.run_time.add(outcome.seconds)
+        size = len(batch.requests)
+        counters.oom_splits += outcome.splits
+        if self._oom.observe(outcome.oom_fit, size, self.settings.limit):
+            self.limit = self._oom.limit(self.settings.limit)
+            if outcome.oom_fit is not None:
+                logger.warning("batcher %r: out of memory; batches capped at %d", self.name, self.limit)
+            else:
+                logger.info("batcher %r: no out-of-memory error lately; batch cap now %d", self.name, self.limit)
+        if outcome.fit is None and outcome.error is None:
+            self.cost_model.observe(size, outcome.seconds)
+        if outcome.outputs is None:
+            assert outcome.error is not None
+            self.fail_batch(batch, outcome.error)
+            return
+        backend = self._backend
+        assert backend is not None
+        answered: list[Request] = []
+        values: list[Any] = []
+        starts: list[float] = []
+        for request, output in zip(batch.requests, outcome.outputs, strict=True):
+            if request.state != RUNNING:
+                continue
+            request.state = DONE
+            if type(output) is Failed:
+                counters.failed += 1
+                starts.append(request.enqueued_at)
+                backend.fail(request, output.error)
+            else:
+                answered.append(request)
+                values.append(output)
+                starts.append(request.enqueued_at)
+        counters.in_flight -= len(starts)
+        counters.completed += len(answered)
+        counters.latency.add_since(clock(), starts)
+        backend.resolve(answered, values)
+
+    def fail_batch(self, batch: Batch, error: BaseException) -> None:
+        """Answer every caller of ``batch`` still waiting with (a copy of) ``error``."""
+        self._running.discard(batch)
+        backend = self._backend
+        waiting = [r for r in batch.requests if r.state == RUNNING]
+        if not waiting:
+            return
+        counters = self.counters
+        counters.in_flight -= len(waiting)
+        counters.failed += len(waiting)
+        counters.latency.add_since(clock(), [r.enqueued_at for r in waiting])
+        for request, copied in zip(waiting, _copies(error, len(waiting)), strict=True):
+            request.state = DONE
+            if backend is not None:
+                backend.fail(request, copied)
+
+    def hung(self, batch: Batch, error: BaseException) -> None:
+        """A batch ran past ``run_timeout_ms`` and was given up on."""
+        self.counters.hung += 1
+        self.fail_batch(batch, error)
+
+    def fail_queued(self, error: BaseException) -> int:
+        """Answer every queued request with ``error`` (the worker stopped); returns how many."""
+        leftovers = self._queue.pop_all()
+        backend = self._backend
+        for request in leftovers:
+            request.state = DONE
+            request.item = None
+            if backend is not None:
+                backend.fail(request, error)
+        self.counters.failed += len(leftovers)
+        return len(leftovers)
+
+    def _timeout_error(self, request: Request, *, early: bool = False) -> RequestTimeoutError:
+        timeout = (request.deadline - request.enqueued_at) * 1000.0
+        if early:
+            return RequestTimeoutError(
+                f"batcher {self.name!r}: request cannot finish within its {timeout:.6g} ms timeout "
+                f"(recent batches took at least {self.cost_model.fastest_recent() * 1000:.3g} ms); not sent"
+            )
+        return RequestTimeoutError(f"batcher {self.name!r}: request timed out after {timeout:.6g} ms")
+
+    # -- introspection -----------------------------------------------------------------
+
+    def stats(self) -> BatcherStats:
+        return self.counters.snapshot(pending=self._queue.live, batch_size_limit=self.limit)

@@ -1,0 +1,186 @@
+"""The worker: one task per bound event loop that turns the scheduler's batches into model runs.
+
+```text
+loop:  give up on hung runs ─▶ expire deadlines ─▶ a slot free and a batch due? ─▶ start it
+                                                    └── no: sleep until the scheduler's next time
+```
+
+A synchronous model runs on its slot's thread; the thread hands the outcome back
+with one ``call_soon_threadsafe`` per batch. An async model runs in a task of
+the worker's task group. A result is taken only from the run its slot is
+waiting for (``slot.batch is batch``): a late result from a run that was given
+up on (hung, or the worker stopped) is dropped, as its callers were answered then.
+
+When the worker stops for any reason other than a drained ``aclose`` (its task
+cancelled, its loop shutting down), it answers every request it still holds
+with ``BatcherClosedError``: queued, and running on a thread. No caller is left
+waiting on a worker that is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from ._backend import Backend
+from ._errors import BatcherClosedError, ModelTimeoutError
+from ._execute import Executor, Outcome
+from ._runner import Slot, ThreadRunner
+from ._scheduler import Batch, Scheduler, clock
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger("batchkit")
+
+
+class Worker:
+    """Runs one scheduler's batches on one event loop, in slots (threads or tasks)."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        backend: Backend,
+        executor: Executor,
+        slot_fns: Sequence[Callable[[Any], Any]],
+        *,
+        is_async: bool,
+    ) -> None:
+        self.backend = backend
+        self.done = anyio.Event()
+        self.retired = False
+        self._scheduler = scheduler
+        self._executor = executor
+        self._is_async = is_async
+        self._slots = [Slot(i, fn, None if is_async else self._new_runner(i)) for i, fn in enumerate(slot_fns)]
+        self._idle = list(reversed(self._slots))  # pop() hands out slot 0 first
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    def _new_runner(self, index: int) -> ThreadRunner:
+        return ThreadRunner(name=f"batchkit-{self._scheduler.name}-{index}")
+
+    async def run(self) -> None:
+        """The worker task: returns once ``aclose`` has drained the queue, or when cancelled."""
+        try:
+            async with anyio.create_task_group() as task_group:  # runs async models' batches
+                self._task_group = task_group
+                await self._serve()
+        except Exception:  # a bug in batchkit: never take the event loop down with it
+            logger.exception("batcher %r: worker crashed; failing its requests", self._scheduler.name)
+        finally:
+            self._stop()
+
+    async def _serve(self) -> None:
+        scheduler = self._scheduler
+        run_timeout = scheduler.settings.run_timeout
+        while not self.retired:
+            now = clock()
+            if run_timeout is not None:
+                self._give_up_hung(now)
+            scheduler.expire(now)
+            if self._idle:
+                batch = scheduler.take(now)
+                if batch is not None:
+                    self._start(batch)
+                    continue
+                if scheduler.closing and len(self._idle) == len(self._slots):
+                    return  # drained: everything accepted has been answered
+            until = min((s.deadline for s in self._slots if s.deadline is not None), default=math.inf)
+            await scheduler.sleep(can_start=bool(self._idle), until=until)
+
+    def _start(self, batch: Batch) -> None:
+        slot = self._idle.pop()
+        slot.batch = batch
+        if self._is_async:
+            assert self._task_group is not None
+            self._task_group.start_soon(self._run_async, slot, batch)
+            return
+        run_timeout = self._scheduler.settings.run_timeout
+        slot.deadline = None if run_timeout is None else clock() + run_timeout
+        assert slot.runner is not None
+        slot.runner.submit(functools.partial(self._run_sync, slot, batch))
+
+    def _run_sync(self, slot: Slot, batch: Batch) -> None:
+        """On the slot's thread: run the batch, hand the outcome to the loop."""
+        outcome = self._executor.run(slot.fn, batch.items)
+        with contextlib.suppress(RuntimeError):  # the event loop is gone, and its callers with it
+            self.backend.call_soon_threadsafe(self._finish, slot, batch, outcome)
+
+    async def _run_async(self, slot: Slot, batch: Batch) -> None:
+        outcome: Outcome | None = None
+        with anyio.move_on_after(self._scheduler.settings.run_timeout):  # None: no limit
+            outcome = await self._executor.run_async(slot.fn, batch.items, self.backend.cancel_requested)
+        if outcome is None:
+            self._release(slot)
+            self._scheduler.hung(batch, self._hung_error())
+        else:
+            self._finish(slot, batch, outcome)
+
+    def _finish(self, slot: Slot, batch: Batch, outcome: Outcome) -> None:
+        """On the loop: a run is done; free its slot, then let the scheduler answer."""
+        if slot.batch is not batch:
+            return  # a run given up on: its callers were answered then
+        self._release(slot)
+        self._scheduler.finish(batch, outcome)
+
+    def _release(self, slot: Slot) -> None:
+        slot.batch = slot.deadline = None
+        self._idle.append(slot)
+        self._scheduler.wake()
+
+    def _give_up_hung(self, now: float) -> None:
+        """Synchronous runs past run_timeout_ms: fail them, replace their threads."""
+        for slot in self._slots:
+            batch = slot.batch
+            if batch is None or slot.deadline is None or slot.deadline > now:
+                continue
+            logger.warning(
+                "batcher %r: a batch of %d ran past run_timeout_ms; abandoning its thread",
+                self._scheduler.name,
+                len(batch.requests),
+            )
+            assert slot.runner is not None
+            slot.runner.stop(join=False)  # it exits when the hung call returns
+            slot.runner = self._new_runner(slot.index)
+            self._release(slot)
+            self._scheduler.hung(batch, self._hung_error())
+
+    def _hung_error(self) -> ModelTimeoutError:
+        run_timeout = self._scheduler.settings.run_timeout
+        assert run_timeout is not None
+        return ModelTimeoutError(
+            f"batcher {self._scheduler.name!r}: the model ran longer than run_timeout_ms={run_timeout * 1000:g}"
+        )
+
+    def _stop(self) -> None:
+        """The worker is ending: answer whatever it still holds, stop its threads."""
+        self.retired = True
+        self._task_group = None
+        scheduler = self._scheduler
+        error = BatcherClosedError(f"batcher {scheduler.name!r} stopped before this request was answered")
+        for slot in self._slots:
+            batch, slot.batch = slot.batch, None
+            if batch is not None:
+                scheduler.fail_batch(batch, error)
+            if slot.runner is not None:
+                slot.runner.stop(join=batch is None)  # a busy thread exits when its run returns
+                slot.runner = None
+        failed = scheduler.fail_queued(error)
+        if failed:
+            logger.warning("batcher %r stopped with %d queued requests; failed them", scheduler.name, failed)
+        self.done.set()
+        logger.debug("batcher %r: worker stopped", scheduler.name)
+
+    def abandon(self) -> None:
+        """Forget this worker without its loop (the loop is gone): no callbacks, just stop threads."""
+        self.retired = True
+        for slot in self._slots:
+            if slot.runner is not None:
+                slot.runner.stop(join=False)
+                slot.runner = None
