@@ -54,6 +54,15 @@ async def batchkit_sync() -> None:
         await _send_all(batcher.predict)
 
 
+async def batchkit_timeout() -> None:
+    """batchkit with a per-call ``timeout_ms`` on every request (deadlines kept by the scheduler)."""
+    batcher: batchkit.Batcher[int, int] = batchkit.Batcher(
+        identity, collate=None, max_batch_size=SETTING.batch_size, max_wait_ms=SETTING.wait_ms, max_queue_size=REQUESTS
+    )
+    async with batcher:
+        await _send_all(lambda i: batcher.predict(i, timeout_ms=60_000))
+
+
 async def batchkit_async() -> None:
     """batchkit with an ``async`` batch function, awaited on the event loop (no thread hop)."""
     batcher: batchkit.Batcher[int, int] = batchkit.Batcher(
@@ -93,6 +102,7 @@ async def batched() -> None:
 ROUNDS: dict[str, Round] = {
     "client-only": client_only,
     "batchkit": batchkit_sync,
+    "batchkit-timeout": batchkit_timeout,
     "batchkit-async-fn": batchkit_async,
     "floor": floor,
     "ray-serve": ray_serve,

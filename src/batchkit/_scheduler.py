@@ -169,14 +169,16 @@ class Scheduler:
                 if isinstance(error, InvalidInputError):
                     raise
                 raise InvalidInputError(str(error)) from error
-            if timeout_ms is None and not priority and settings.batch_cost is None:  # the common case, kept short
-                timeout = settings.timeout
-                deadline = math.inf if timeout is None else now + timeout
-                request = Request(x, key, now, deadline, now + settings.slack if timeout is None else deadline)
-                plain = True
+            if not priority and settings.batch_cost is None:  # the common case, kept short
+                timeout = settings.timeout if timeout_ms is None else check_ms("timeout_ms", timeout_ms) / 1000
+                if timeout is None:
+                    request = Request(x, key, now, math.inf, now + settings.slack)
+                else:
+                    request = Request(x, key, now, now + timeout, now + timeout)
+                plain = True  # the queue keeps it in its FIFO if that keeps the FIFO in order
             else:
                 request = self._special(x, key, now, timeout_ms, priority)
-                plain = timeout_ms is None and not priority
+                plain = not priority
         except BaseException:
             counters.failed += 1
             raise
@@ -198,7 +200,7 @@ class Scheduler:
         if timeout_ms is None:
             deadline = math.inf if settings.timeout is None else now + settings.timeout
         else:
-            deadline = now + check_ms("timeout_ms", timeout_ms, allow_zero=False) / 1000
+            deadline = now + check_ms("timeout_ms", timeout_ms) / 1000
         due = now + settings.slack if deadline == math.inf else deadline
         return Request(x, key, now, deadline, due - _check_priority(priority) * settings.priority_aging, cost)
 
@@ -243,8 +245,9 @@ class Scheduler:
         items: list[Any] = []
         starts: list[float] = []
         deadline = math.inf
+        withdrawn = backend.withdrawn
         for request in requests:
-            if backend.withdrawn(request):  # cancelled in this very tick: its task has not run yet
+            if withdrawn(request):  # cancelled in this very tick: its task has not run yet
                 request.state = CANCELLED
                 request.item = None
                 counters.cancelled += 1

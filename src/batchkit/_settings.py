@@ -45,8 +45,10 @@ class BatcherOptions(ModuleBatcherOptions, total=False):
     max_concurrent_batches: int
 
 
-def check_ms(name: str, value: object, *, allow_zero: bool) -> float:
+def check_ms(name: str, value: object, *, allow_zero: bool = False) -> float:
     """``value`` as a float, or a ``TypeError``/``ValueError`` naming ``name``."""
+    if type(value) is float and 0 < value < math.inf:  # the hot path: a per-call timeout_ms
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of milliseconds, got {type(value).__qualname__}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
@@ -87,6 +89,8 @@ class Settings:
     max_concurrent_batches: int
     limit: int
     """The largest batch to form: ``max_batch_size``, lowered to the largest allowed size under it."""
+    slack: float
+    """How soon a request without a deadline counts as due (its urgency): the default timeout, or 10 s."""
 
     @classmethod
     def build(
@@ -141,6 +145,7 @@ class Settings:
             replicas=replicas,
             max_concurrent_batches=max_concurrent_batches,
             limit=1,
+            slack=10.0,
         )
         return base.replace(
             max_batch_size=max_batch_size,
@@ -191,9 +196,5 @@ class Settings:
             timeout=None if timeout_ms is None else timeout_ms / 1000,
             max_batch_cost=cost,
             limit=limit,
+            slack=10.0 if timeout_ms is None else timeout_ms / 1000,
         )
-
-    @property
-    def slack(self) -> float:
-        """How soon a request without a deadline counts as due (its urgency)."""
-        return 10.0 if self.timeout is None else self.timeout
