@@ -254,6 +254,8 @@ def test_ctrl_c_stops_the_service_without_a_traceback() -> None:
                 if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
                     break
             time.sleep(0.1)
+        else:
+            pytest.fail(f"{server.url}/health never answered")
         server.process.send_signal(signal.SIGINT)
         server.process.wait(timeout=30)
     finally:
