@@ -2,6 +2,8 @@
 
 Run: ``python examples/fastapi_app.py [--mode batchkit|naive] [--port 8000]``
 (needs ``pip install fastapi uvicorn``; ``prometheus-client`` for ``/metrics``).
+Ctrl-C stops it: the requests already accepted are answered first, and if that
+takes more than a second it says what it is waiting for.
 
 ``POST /predict`` does what a real handler does around a model call:
 
@@ -21,11 +23,14 @@ endpoint for liveness (and for measuring event-loop responsiveness under load).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -108,6 +113,20 @@ class PredictResponse(BaseModel):
     """How long fetching the input took, as the handler saw it."""
 
 
+async def report_drain(batcher: batchkit.Batcher[Any, Any], after_s: float = 1.0) -> None:
+    """Wait up to ``after_s`` for the requests still in the batcher; if some remain, say so."""
+    for _ in range(20):
+        stats = batcher.stats()
+        if not stats.pending + stats.in_flight:
+            return
+        await anyio.sleep(after_s / 20)
+    print(
+        f"shutting down: waiting for {stats.pending} queued and {stats.in_flight} running requests to be answered "
+        "(a model that never returns is waited for forever unless the batcher has run_timeout_ms)",
+        flush=True,
+    )
+
+
 def create_app(
     mode: Mode = "batchkit",
     *,
@@ -131,6 +150,7 @@ def create_app(
         async with batchkit.Batcher(mlp, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, name="mlp") as batcher:
             app.state.batcher = batcher
             yield
+            await report_drain(batcher)  # on shutdown: says what the drain waits for, if it takes long
         # --8<-- [end:lifespan]
 
     app = FastAPI(title=f"batchkit demo ({mode})", lifespan=lifespan)
@@ -196,9 +216,22 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)  # connections made from now on wait in the backlog until uvicorn accepts them
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    print(f"listening on http://{host}:{sock.getsockname()[1]}", flush=True)
-    server.run(sockets=[sock])
+    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    print(f"listening on http://{host}:{sock.getsockname()[1]}", flush=True)  # tests read the URL off this line
+    print("Ctrl-C to stop", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C once it has shut down cleanly
+        server.run(sockets=[sock])
+    print("stopped", flush=True)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying what a first Ctrl-C (or SIGTERM) starts."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
+            print(f"{name}: shutting down; open requests are answered first (Ctrl-C again: stop waiting for them)")
+        super().handle_exit(sig, frame)
 
 
 def main() -> None:

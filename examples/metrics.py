@@ -1,6 +1,6 @@
 """Observability: ``Batcher.stats()``, and the same numbers as Prometheus metrics.
 
-Run: ``python examples/metrics.py`` (needs ``pip install "batchkit[prometheus]"``).
+Run: ``python examples/metrics.py`` (needs the ``prometheus`` extra: ``pip install -e ".[prometheus]"``).
 It sends a burst of requests, prints the stats snapshot, then the Prometheus text
 exposition a scrape would get.
 """

@@ -1,6 +1,7 @@
 """A Ray Serve deployment whose replicas each batch with batchkit.
 
-Run: ``python examples/ray_serve_app.py`` (needs ``pip install "batchkit[ray,torch]"``).
+Run: ``python examples/ray_serve_app.py`` from the repository root (needs the ``ray`` and
+``torch`` extras: ``pip install -e ".[ray,torch]"`` in a clone).
 It starts a local Ray instance on this machine, deploys two replicas on
 127.0.0.1:8000 and serves until Ctrl-C. Try::
 
@@ -30,6 +31,7 @@ def build_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
 
 
+# --8<-- [start:deployment]
 def make_batcher() -> batchkit.Batcher[Any, Any]:
     """Runs once in each replica process."""
     torch.set_num_threads(1)
@@ -55,6 +57,7 @@ def build_app(num_replicas: int = 2) -> Any:
         ray_actor_options={"num_cpus": 0.5},
     )
     return deployment.bind()
+    # --8<-- [end:deployment]
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ shape of the output, never how fast anything is.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -18,8 +20,14 @@ pytest.importorskip("torch")
 pytest.importorskip("rich")
 pytest.importorskip("matplotlib")
 
+from rich.console import Console
+
+from batchkit.bench import __main__ as bench_main
 from batchkit.bench import _peers
-from batchkit.bench.__main__ import main
+from batchkit.bench.__main__ import cli, main, make_plan
+from batchkit.bench._loads import Load, generator_reach
+from batchkit.bench._report import legend, markdown_table, plot, print_table
+from batchkit.bench._results import REACH, Cell
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -113,11 +121,142 @@ def test_module_runs_as_a_subprocess(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["duration_s"] == 0.1
 
 
-def test_unknown_variant_is_refused() -> None:
-    with pytest.raises(SystemExit, match="unknown variants: nope"):
-        main(["--variants", "nope"])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--settings", "2-64"),
+        ("--settings", "2:0"),
+        ("--settings", "x:64"),
+        ("--closed", "abc"),
+        ("--closed", "0"),
+        ("--threads", "0"),
+        ("--duration", "-1"),
+        ("--duration", "0"),
+        ("--warmup", "nan"),
+        ("--open", "half"),
+        ("--rates", "-5"),
+        ("--reference", "auto:64"),
+        ("--variants", "batchkit,nope"),
+        ("--model", "huge"),
+    ],
+)
+def test_a_bad_option_is_a_one_line_argparse_error(option: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        make_plan([option, value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: batchkit bench"), err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"batchkit bench: error: argument {option}"), err
 
 
-def test_reference_setting_needs_a_fixed_wait() -> None:
-    with pytest.raises(SystemExit, match="fixed wait"):
-        main(["--reference", "auto:64"])
+def test_bad_options_get_a_reason() -> None:
+    reasons = {"--variants": "unknown variants: nope", "--reference": "fixed wait", "--settings": "wait_ms:batch_size"}
+    for option, reason in reasons.items():
+        value = {"--variants": "nope", "--reference": "auto:64", "--settings": "2-64"}[option]
+        completed = subprocess.run(
+            [sys.executable, "-m", "batchkit.bench", option, value],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert completed.returncode == 2, completed.stderr
+        assert reason in completed.stderr.splitlines()[-1], completed.stderr
+        assert "Traceback" not in completed.stderr
+
+
+def test_no_load_at_all_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        make_plan(["--closed", "", "--open", ""])
+    assert "no load to measure" in capsys.readouterr().err
+
+
+def test_bare_batchkit_prints_usage_and_runs_nothing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_run(*args: Any) -> None:
+        raise AssertionError("bare `batchkit` started a benchmark")
+
+    monkeypatch.setattr(bench_main, "run", must_not_run)
+    assert cli([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: batchkit")
+    assert "bench" in out
+
+
+def test_batchkit_bench_runs_the_plan_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    plans: list[bench_main.Plan] = []
+    monkeypatch.setattr(bench_main, "run", lambda plan, console: plans.append(plan))
+    assert cli(["bench", "--quick", "--settings", "auto:16,1.5:8", "--closed", "2", "--rates", "100"]) == 0
+    (plan,) = plans
+    assert [s.label for s in plan.settings] == ["w=auto,b=16", "w=1.5,b=8"]
+    assert (plan.closed, plan.open_rates, plan.duration_s) == ((2,), (100.0,), 0.5)
+
+
+def test_unknown_command_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli(["--quick"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("batchkit: error:")
+
+
+def test_missing_bench_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match=r"batchkit bench: error: .*matplotlib.*'bench' extra") as exited:
+        main(["--closed", "1"])
+    assert "batchkit-serve[bench]" in str(exited.value.code)
+
+
+def _cell(variant: str, load: Load, **fields: Any) -> Cell:
+    cell = Cell(
+        variant=variant, family=variant, max_batch_size=None, load=load.label, load_kind=load.kind,
+        load_value=load.value, throughput=1000.0, requests=100, unfinished=0, errors=0, p50_ms=5.0, p95_ms=8.0,
+        p99_ms=9.0, mean_batch_size=1.0, model_busy=0.5, lag_p99_ms=1.0, lag_max_ms=1.5, load_reach=load.reach,
+    )  # fmt: skip
+    return dataclasses.replace(cell, **fields)
+
+
+def test_table_carries_a_legend_and_marks_only_what_applies() -> None:
+    closed = Load("closed", 64)
+    unreached = Load("open", 1e6, 0.5, reach=0.1)
+    plain = [_cell("batchkit", closed), _cell("naive-thread", closed, lag_p99_ms=3.0, p50_ms=40.0)]
+    blocking = _cell("naive-inline", closed, p50_ms=0.5, lag_p99_ms=300.0)
+    late = _cell("batchkit", unreached)
+
+    text = markdown_table(plain)
+    for term in ("floor:", "offline-ideal:", "busy:", "lag:", "unfinished:"):
+        assert f"- {term}" in text or f"; {term}" in text, (term, text)
+    assert "*:" not in text
+    assert "!:" not in text
+    assert "| batchkit | closed 64 |" in text
+
+    marked = markdown_table([*plain, blocking, late])
+    assert "| naive-inline * | closed 64 |" in marked
+    assert "| naive-thread | closed 64 |" in marked  # lag below its own p50: not marked
+    assert f"| batchkit | {unreached.label} ! |" in marked
+    assert "- *: loop lag p99 above the variant's own p50" in marked
+    assert "- !: a rate the load generator alone cannot issue" in marked
+
+    console = Console(file=io.StringIO(), width=200)
+    print_table([*plain, blocking], "title", console)
+    shown = console.file.getvalue()
+    assert all(line in shown for line in legend([*plain, blocking]))
+
+
+def test_plot_draws_markers_for_blocking_and_unreached_cells(tmp_path: Path) -> None:
+    cells = [
+        _cell("naive-inline", Load("closed", 1), p50_ms=0.5, lag_p99_ms=3.0),
+        _cell("naive-inline", Load("closed", 256), p50_ms=0.5, lag_p99_ms=300.0),
+        _cell("batchkit", Load("closed", 1)),
+        _cell("batchkit", Load("closed", 256), throughput=5000.0),
+        _cell("batchkit", Load("open", 100, 0.1, reach=1.0)),
+        _cell("batchkit", Load("open", 1e6, 0.5, reach=0.1)),
+        _cell("offline-ideal[b=64]", Load("offline", 64), lag_p99_ms=None, lag_max_ms=None),
+    ]
+    plot(cells, tmp_path / "bench.png", "title")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_an_unreachable_open_loop_rate_is_detected() -> None:
+    assert generator_reach(1e9) < REACH  # a billion arrivals a second: beyond any event loop

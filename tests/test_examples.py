@@ -61,6 +61,26 @@ def test_quickstart_example() -> None:
     assert re.search(r"^batchkit: \d+ batches, mean size", out, re.MULTILINE), out
 
 
+def test_readme_example() -> None:
+    out = run_example("readme.py")
+    match = re.search(r"^handler: (\d+) requests in (\d+) batches", out, re.MULTILINE)
+    assert match, out
+    requests, batches = map(int, match.groups())
+    assert requests == 100
+    assert batches < requests
+    assert "BatcherStats(requests=2, batches=2, completed=2" in out  # the context-manager batcher's stats
+
+
+def test_torch_module_example() -> None:
+    pytest.importorskip("torch")
+    out = run_example("torch_module.py")
+    match = re.search(r"^(\d+) images in (\d+) batches", out, re.MULTILINE)
+    assert match, out
+    images, batches = map(int, match.groups())
+    assert images == 65  # one alone, then 64 concurrent callers
+    assert batches < images
+
+
 def test_metrics_example() -> None:
     pytest.importorskip("prometheus_client")
     out = run_example("metrics.py")

@@ -29,6 +29,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+import batchkit  # noqa: E402
+
 from ._examples import EXAMPLES, load_example  # noqa: E402
 
 pytestmark = pytest.mark.anyio
@@ -242,3 +244,46 @@ def test_create_app_checks_mode() -> None:
     app = load_example("fastapi_app")
     with pytest.raises(ValueError, match="mode"):
         app.create_app("turbo")
+
+
+def test_ctrl_c_stops_the_service_without_a_traceback() -> None:
+    server = _start("batchkit")
+    try:
+        for _ in range(100):  # serving (and so handling signals) once /health answers
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"{server.url}/health never answered")
+        server.process.send_signal(signal.SIGINT)
+        server.process.wait(timeout=30)
+    finally:
+        _stop(server)
+    output = "\n".join(server.log)
+    assert server.process.returncode == 0, output
+    assert "Traceback" not in output
+    assert "KeyboardInterrupt" not in output
+    assert "Ctrl-C: shutting down" in output
+    assert output.rstrip().endswith("stopped"), output
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_long_drain_says_what_it_waits_for(capsys: pytest.CaptureFixture[str]) -> None:
+    app = load_example("fastapi_app")
+    release = threading.Event()
+
+    def stuck(batch: np.ndarray) -> np.ndarray:
+        release.wait(30)
+        return batch
+
+    async with batchkit.Batcher(stuck, max_batch_size=4, max_wait_ms=0) as batcher:
+        await app.report_drain(batcher, after_s=0.01)
+        assert capsys.readouterr().out == ""  # nothing in flight: nothing to say
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.predict, np.zeros(2))
+            while batcher.stats().in_flight == 0:
+                await anyio.sleep(0.01)
+            await app.report_drain(batcher, after_s=0.05)
+            release.set()
+    assert "shutting down: waiting for 0 queued and 1 running requests" in capsys.readouterr().out

@@ -41,17 +41,20 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path: Path) -> None:
         capture_output=True,
         timeout=120,
     )
-    (wheel,) = dist.glob("batchkit-*.whl")
+    (wheel,) = dist.glob("batchkit_serve-*.whl")  # the distribution name; the import name is batchkit
     version = _version_in_source()
-    assert wheel.name.startswith(f"batchkit-{version}-py3-none-any"), wheel.name
+    assert wheel.name.startswith(f"batchkit_serve-{version}-py3-none-any"), wheel.name
 
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        metadata = archive.read(f"batchkit-{version}.dist-info/METADATA").decode()
+        metadata = archive.read(f"batchkit_serve-{version}.dist-info/METADATA").decode()
+        entry_points = archive.read(f"batchkit_serve-{version}.dist-info/entry_points.txt").decode()
     assert "batchkit/py.typed" in names
     assert {"batchkit/__init__.py", "batchkit/_batcher.py", "batchkit/_sync.py", "batchkit/prometheus.py"} <= names
     assert not [n for n in names if n.startswith(("tests/", "examples/", "docs/", "benchmarks/"))]
+    assert re.search(r"^Name: batchkit-serve$", metadata, re.MULTILINE)
     assert re.search(rf"^Version: {re.escape(version)}$", metadata, re.MULTILINE)
+    assert "batchkit = batchkit.bench.__main__:cli" in entry_points
     assert re.search(r"^Requires-Dist: anyio", metadata, re.MULTILINE)
     assert re.search(r"^Provides-Extra: prometheus$", metadata, re.MULTILINE)
 

@@ -38,10 +38,14 @@ import weakref
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
+from ._extras import require
 
-from ._stats import BatcherStats, LatencySummary
+require("prometheus_client", "prometheus", "batchkit.prometheus")
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric  # noqa: E402
+from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry  # noqa: E402
+
+from ._stats import BatcherStats, LatencySummary  # noqa: E402
 
 __all__ = ["BATCH_SIZE_BUCKETS", "BatcherCollector", "StatsSource", "register", "unregister"]
 

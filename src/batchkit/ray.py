@@ -2,7 +2,7 @@
 
 Ray Serve scales out (replicas across processes and machines, autoscaling, HTTP
 routing); batchkit batches inside each replica. ``batched_deployment`` writes the
-glue once:
+glue once (needs the ``ray`` extra):
 
 ```python
 from ray import serve
@@ -41,12 +41,16 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from ray import serve
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from ._extras import require
 
-from ._batcher import Batcher
-from ._errors import BatcherClosedError, QueueFullError, RequestTimeoutError
+require("ray.serve", "ray", "batchkit.ray")
+
+from ray import serve  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import JSONResponse  # noqa: E402
+
+from ._batcher import Batcher  # noqa: E402
+from ._errors import BatcherClosedError, QueueFullError, RequestTimeoutError  # noqa: E402
 
 __all__ = ["batched_deployment"]
 

@@ -2,7 +2,7 @@
 
 ```bash
 batchkit bench                 # the full run, about 5 minutes on 2 CPU cores
-batchkit bench --quick         # under a minute
+batchkit bench --quick         # about 30 seconds
 python -m batchkit.bench --model tiny --variants batchkit,floor --closed 1,64 --out /tmp/b
 ```
 
@@ -14,24 +14,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import math
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from ._loads import HEARTBEAT_S, Load, Trace, run_load, run_offline
+from .._extras import require
+from ._loads import HEARTBEAT_S, Load, Trace, generator_reach, run_load, run_offline
 from ._model import MODELS, Model, configure_threads, pick_device
 from ._peers import PEERS, peer_variants
-from ._report import markdown_table, plot, print_table
-from ._results import Cell, machine_info, summarize, write_json
+from ._results import REACH, Cell, machine_info, summarize, write_json
 from ._variants import Setting, Variant, core_variants
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = ["cli", "main"]
 
 CORE = ("naive-inline", "naive-thread", "batchkit", "floor", "offline-ideal")
 FAMILIES = (*CORE, *PEERS)
@@ -55,69 +55,141 @@ class Plan:
     out: Path
 
 
-def _or(given: str | None, default: str) -> str:
-    """The option as given (an empty string included), else the default."""
-    return default if given is None else given
+# Option types: each turns the text into a value or raises ArgumentTypeError (a one-line error).
+T = TypeVar("T")
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(part) for part in text.split(",") if part)
+def _number(text: str, kind: Callable[[str], T], what: str) -> T:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(",") if part)
+def _positive_int(text: str) -> int:
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
-def _parser() -> argparse.ArgumentParser:
+def _positive_float(text: str) -> float:
+    value = _number(text, float, "a positive number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text, float, "a number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
+
+
+def _list_of(item: Callable[[str], T]) -> Callable[[str], tuple[T, ...]]:
+    """A comma-separated list of ``item`` (an empty string is an empty list)."""
+
+    def parse(text: str) -> tuple[T, ...]:
+        return tuple(item(part.strip()) for part in text.split(",") if part.strip())
+
+    return parse
+
+
+def _setting(text: str) -> Setting:
+    wait, colon, size = text.partition(":")
+    if not colon or (wait != "auto" and _is_bad_wait(wait)) or not size.isdigit() or int(size) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not wait_ms:batch_size (for example 2:64 or auto:64)")
+    return Setting.parse(text)
+
+
+def _is_bad_wait(wait: str) -> bool:
+    try:
+        value = float(wait)
+    except ValueError:
+        return True
+    return not (math.isfinite(value) and value >= 0)
+
+
+def _fixed_setting(text: str) -> Setting:
+    setting = _setting(text)
+    if setting.wait_ms == "auto":
+        raise argparse.ArgumentTypeError("needs a fixed wait (the floor and the peers take no 'auto')")
+    return setting
+
+
+def _family(text: str) -> str:
+    if text not in FAMILIES:
+        raise argparse.ArgumentTypeError(f"unknown variants: {text} (choose from {', '.join(FAMILIES)})")
+    return text
+
+
+def _parser(prog: str = "batchkit bench") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="batchkit bench",
+        prog=prog,
         description="Serve one model naively, through batchkit and through other batchers; compare them.",
         epilog="Writes results.json, results.md and bench.png to --out. Peers not installed are skipped.",
     )
-    parser.add_argument("--quick", action="store_true", help="short loads, fewer settings: under a minute")
-    parser.add_argument("--model", choices=["auto", *MODELS], default="auto", help="auto: large on CUDA, else mlp")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: CPU cores - 1)")
-    parser.add_argument("--variants", help=f"comma-separated, from: {', '.join(FAMILIES)} (default: all)")
-    parser.add_argument(
-        "--settings",
-        help="batchkit settings as wait_ms:batch_size,... ('auto' wait allowed; default 0:64,2:64,auto:64,5:256)",
-    )
-    parser.add_argument("--reference", default="2:64", help="setting of the floor batcher and peers (default 2:64)")
-    parser.add_argument("--closed", help="closed-loop concurrencies (default 1,16,64,256)")
-    parser.add_argument("--open", help="open-loop rates, as fractions of offline capacity (default 0.25,0.5,0.8)")
-    parser.add_argument("--rates", help="open-loop rates in requests/s (replaces --open)")
-    parser.add_argument("--warmup", type=float, help="seconds before measuring each cell (default 0.5)")
-    parser.add_argument("--duration", type=float, help="seconds measured per cell (default 2)")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
+    _add_options(parser)
     return parser
 
 
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--quick", action="store_true", help="short loads, fewer settings: about 30 s on 2 CPU cores")
+    add("--model", choices=["auto", *MODELS], default="auto", help="auto: large on CUDA, else mlp")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add("--threads", type=_positive_int, help="torch intra-op threads (default: CPU cores - 1)")
+    add("--variants", type=_list_of(_family), help=f"comma-separated, from: {', '.join(FAMILIES)} (default: all)")
+    add(
+        "--settings",
+        type=_list_of(_setting),
+        help="batchkit settings as wait_ms:batch_size,... ('auto' wait allowed; default 0:64,2:64,auto:64,5:256)",
+    )
+    add("--reference", type=_fixed_setting, default="2:64", help="setting of the floor and peers (default 2:64)")
+    add("--closed", type=_list_of(_positive_int), help="closed-loop concurrencies (default 1,16,64,256)")
+    add(
+        "--open",
+        type=_list_of(_positive_float),
+        help="open-loop rates, as fractions of offline capacity (default 0.25,0.5,0.8)",
+    )
+    add("--rates", type=_list_of(_positive_float), help="open-loop rates in requests/s (replaces --open)")
+    add("--warmup", type=_non_negative_float, help="seconds before measuring each cell (default 0.5)")
+    add("--duration", type=_positive_float, help="seconds measured per cell (default 2)")
+    add("--out", type=Path, default=Path("bench-results"), help="output folder")
+
+
+def _or(given: tuple[T, ...] | None, default: tuple[T, ...]) -> tuple[T, ...]:
+    """The option as given (an empty list included), else the default."""
+    return default if given is None else given
+
+
 def make_plan(argv: Sequence[str] | None) -> Plan:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     quick = args.quick
-    families = tuple(args.variants.split(",")) if args.variants else FAMILIES
-    unknown = set(families) - set(FAMILIES)
-    if unknown:
-        raise SystemExit(f"unknown variants: {', '.join(sorted(unknown))} (choose from {', '.join(FAMILIES)})")
-    reference = Setting.parse(args.reference)
-    if reference.wait_ms == "auto":
-        raise SystemExit("--reference needs a fixed wait (the floor and the peers take no 'auto')")
-    settings = args.settings or ("0:64,2:64" if quick else "0:64,2:64,auto:64,5:256")
-    return Plan(
+    settings = args.settings or _list_of(_setting)("0:64,2:64" if quick else "0:64,2:64,auto:64,5:256")
+    plan = Plan(
         model=args.model,
         device=args.device,
         threads=args.threads,
-        families=families,
-        settings=tuple(Setting.parse(s) for s in settings.split(",")),
-        reference=reference,
-        closed=_ints(_or(args.closed, "1,256" if quick else "1,16,64,256")),
-        open_fractions=_floats(_or(args.open, "0.5" if quick else "0.25,0.5,0.8")),
-        open_rates=_floats(_or(args.rates, "")),
+        families=args.variants or FAMILIES,
+        settings=settings,
+        reference=args.reference,
+        closed=_or(args.closed, (1, 256) if quick else (1, 16, 64, 256)),
+        open_fractions=_or(args.open, (0.5,) if quick else (0.25, 0.5, 0.8)),
+        open_rates=_or(args.rates, ()),
         warmup_s=args.warmup if args.warmup is not None else (0.2 if quick else 0.5),
         duration_s=args.duration if args.duration is not None else (0.5 if quick else 2.0),
         out=args.out,
     )
+    served = set(plan.families) - {"offline-ideal"}
+    if served and not (plan.closed or plan.open_fractions or plan.open_rates):
+        parser.error("no load to measure: give --closed, --open or --rates")
+    return plan
 
 
 def _variants(plan: Plan) -> tuple[list[Variant], dict[str, str]]:
@@ -158,11 +230,15 @@ def _best(first: list[Cell], second: list[Cell]) -> list[Cell]:
 
 def _open_loads(plan: Plan, capacity: float) -> list[Load]:
     if plan.open_rates:
-        return [Load("open", rate, rate / capacity) for rate in plan.open_rates]
-    return [Load("open", fraction * capacity, fraction) for fraction in plan.open_fractions]
+        loads = [Load("open", rate, rate / capacity) for rate in plan.open_rates]
+    else:
+        loads = [Load("open", fraction * capacity, fraction) for fraction in plan.open_fractions]
+    return [replace(load, reach=generator_reach(load.value)) for load in loads]
 
 
 def _measure_all(variants: list[Variant], loads: list[Load], model: Model, plan: Plan, console: Console) -> list[Cell]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     columns = (TextColumn("{task.description:<48}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     cells = []
     with Progress(*columns, console=console) as progress:
@@ -191,7 +267,19 @@ def _describe(model: Model, plan: Plan, threads: int, console: Console) -> dict[
     }
 
 
+def _warn_unreachable(loads: list[Load], console: Console) -> None:
+    for load in loads:
+        if load.reach is not None and load.reach < REACH:
+            console.print(
+                f"[yellow]warning[/]: open loop at {load.value:,.0f} requests/s is beyond this machine's load "
+                f"generator (alone, it issues {load.reach:.0%} of the arrivals on time); those rows are marked "
+                "'!' and their latencies measure the generator as much as the variant"
+            )
+
+
 def _write(plan: Plan, meta: dict[str, Any], cells: list[Cell], skipped: dict[str, str], console: Console) -> None:
+    from ._report import markdown_table, plot, print_table
+
     machine = meta["machine"]
     title = f"{meta['model']['name']} on {machine['device']}, {machine['torch_threads']} torch thread(s), "
     title += f"{machine['cpu_count']} CPU(s)"
@@ -205,6 +293,8 @@ def _write(plan: Plan, meta: dict[str, Any], cells: list[Cell], skipped: dict[st
 
 def run(plan: Plan, console: Console) -> list[Cell]:
     """Measure every (variant, load) cell, then write and show the results."""
+    from rich.markup import escape
+
     device = pick_device(plan.device)
     threads = configure_threads(plan.threads)
     model = Model(MODELS[plan.model if plan.model != "auto" else ("large" if device == "cuda" else "mlp")], device)
@@ -215,7 +305,9 @@ def run(plan: Plan, console: Console) -> list[Cell]:
 
     offline = _offline_cells(model, plan)
     capacity = next(c.throughput for c in offline if c.max_batch_size == plan.reference.batch_size)
-    loads = [Load("closed", c) for c in plan.closed] + _open_loads(plan, capacity)
+    open_loads = _open_loads(plan, capacity)
+    _warn_unreachable(open_loads, console)
+    loads = [Load("closed", c) for c in plan.closed] + open_loads
     gc.collect()
     gc.freeze()  # what exists now is not garbage: keep collections short during the measurements
     try:
@@ -237,13 +329,39 @@ def run(plan: Plan, console: Console) -> list[Cell]:
     return cells
 
 
+def _require_extras() -> None:
+    """Exit with a one-line message when an extra the benchmark needs is missing."""
+    try:
+        for module, extra in (("rich", "bench"), ("matplotlib", "bench"), ("torch", "torch")):
+            require(module, extra, "batchkit bench")
+    except ImportError as exc:
+        raise SystemExit(f"batchkit bench: error: {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``batchkit bench`` and ``python -m batchkit.bench``."""
+    """``batchkit bench`` and ``python -m batchkit.bench``: the options, then the run."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["bench"]:  # the console script is `batchkit`; `batchkit bench` names the command
+    if args[:1] == ["bench"]:  # `batchkit bench ...` as well as `python -m batchkit.bench ...`
         args = args[1:]
-    run(make_plan(args), Console(width=None if sys.stdout.isatty() else 150))
+    plan = make_plan(args)
+    _require_extras()
+    from rich.console import Console
+
+    run(plan, Console(width=None if sys.stdout.isatty() else 150))
     return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The ``batchkit`` command: its subcommands; bare, the usage."""
+    parser = argparse.ArgumentParser(prog="batchkit", description="batchkit's command-line tools.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("bench", help="benchmark batched against naive serving (batchkit bench --help)", add_help=False)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        parser.print_help()
+        return 2
+    parser.parse_args(args[:1])  # exits with a one-line error unless it names a command
+    return main(args[1:])
 
 
 if __name__ == "__main__":

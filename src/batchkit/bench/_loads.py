@@ -25,7 +25,7 @@ from typing import Any, Literal
 from ._model import Model
 from ._variants import Predict
 
-__all__ = ["HEARTBEAT_S", "Load", "Trace", "run_load", "run_offline"]
+__all__ = ["HEARTBEAT_S", "Load", "Trace", "generator_reach", "run_load", "run_offline"]
 
 HEARTBEAT_S = 0.001
 
@@ -39,6 +39,8 @@ class Load:
     kind: Literal["closed", "open", "offline"]
     value: float
     fraction: float | None = None  # open loop: the rate as a fraction of offline capacity
+    reach: float | None = None
+    """Open loop: the share of arrivals the generator alone issues on time at this rate (see ``generator_reach``)."""
 
     @property
     def label(self) -> str:
@@ -127,6 +129,37 @@ async def _open_arrivals(
         task = asyncio.get_running_loop().create_task(_call(predict, x, due, recorder))
         calls.add(task)
         task.add_done_callback(calls.discard)
+
+
+async def _reach(rate: float, seconds: float) -> float:
+    async def instant() -> None:
+        pass
+
+    loop = asyncio.get_running_loop()
+    rng = random.Random(0)
+    stop = (due := clock()) + seconds
+    planned = on_time = 0
+    while (due := due + rng.expovariate(rate)) < stop:
+        planned += 1
+        if clock() > stop:  # out of time: the arrivals still to issue are all late
+            continue
+        await asyncio.sleep(max(0.0, due - clock()))
+        await loop.create_task(instant())
+        on_time += clock() - due < _ON_TIME_S
+    return on_time / planned if planned else 1.0
+
+
+_ON_TIME_S = 0.01
+
+
+def generator_reach(rate: float, seconds: float = 0.2) -> float:
+    """The share of open-loop arrivals at ``rate`` the generator issues on time (10 ms late at most).
+
+    Arrivals are planned as in an open-loop run, each started as a task that
+    returns at once, on a fresh event loop, for ``seconds``. Well below 1, the
+    generator cannot offer this load on this machine, whatever it drives.
+    """
+    return asyncio.run(_reach(rate, seconds))
 
 
 async def _drain(tasks: set[asyncio.Task[None]], timeout: float, recorder: _Recorder) -> None:

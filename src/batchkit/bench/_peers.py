@@ -1,6 +1,6 @@
 """Other batchers driven the same way: Ray Serve's ``@serve.batch`` and ``batched``.
 
-Both are optional (``pip install batchkit[peers]``); a peer that cannot be
+Both are optional (the ``peers`` extra); a peer that cannot be
 imported is reported as skipped, never an error.
 
 ``@serve.batch`` is used outside a Serve replica, in this process's event loop:
@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from .._extras import install_hint
 from ._model import Model
 from ._variants import Predict, Setting, Variant
 
@@ -121,7 +122,7 @@ def _missing(module: str) -> str | None:
     try:
         _import(module)
     except Exception as exc:  # an ImportError, or a broken install raising anything
-        return f"{module} is not importable ({type(exc).__name__}: {exc}); pip install 'batchkit[peers]'"
+        return f"{module} is not importable ({type(exc).__name__}: {exc}); {install_hint('peers')}"
     return None
 
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ._results import Cell
 
-__all__ = ["COLUMNS", "headline", "markdown_table", "plot", "print_table", "rich_table"]
+__all__ = ["COLUMNS", "LEGEND", "headline", "legend", "markdown_table", "plot", "print_table", "rich_table"]
 
 
 def _ms(value: float | None) -> str:
@@ -21,9 +21,17 @@ def _ms(value: float | None) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
+def _variant(cell: Cell) -> str:
+    return f"{cell.variant} *" if cell.blocks_loop else cell.variant
+
+
+def _load(cell: Cell) -> str:
+    return f"{cell.load} !" if cell.load_unreached else cell.load
+
+
 COLUMNS: list[tuple[str, Callable[[Cell], str]]] = [
-    ("variant", lambda c: c.variant),
-    ("load", lambda c: c.load),
+    ("variant", _variant),
+    ("load", _load),
     ("req/s", lambda c: f"{c.throughput:,.0f}"),
     ("p50 ms", lambda c: _ms(c.p50_ms)),
     ("p95 ms", lambda c: _ms(c.p95_ms)),
@@ -34,6 +42,29 @@ COLUMNS: list[tuple[str, Callable[[Cell], str]]] = [
     ("lag max ms", lambda c: _ms(c.lag_max_ms)),
     ("unfinished", lambda c: str(c.unfinished + c.errors) if c.unfinished + c.errors else ""),
 ]
+
+LEGEND = [
+    "naive-inline: the model called in the coroutine; naive-thread: one thread per call (asyncio.to_thread)",
+    "floor: a minimal batcher written for the benchmark, at the reference setting: the least overhead batching has",
+    "offline-ideal: full batches back to back, no event loop, no callers: the throughput ceiling",
+    "w=, b=: max_wait_ms and max_batch_size; closed N: N clients, each waiting for its answer; "
+    "open R/s: Poisson arrivals (share of offline-ideal)",
+    "batch: mean batch size; busy: share of the time the model ran (above 100 % when threads run it in parallel)",
+    "lag: how late a 1 ms heartbeat on the event loop woke, that is how long any other coroutine waited",
+    "unfinished: requests unanswered when the drain ended, cancelled (their wait counts as a lower bound)",
+    "*: loop lag p99 above the variant's own p50 latency: it blocks the event loop, so its latency hides the cost",
+    "!: a rate the load generator alone cannot issue on time here; those latencies measure the generator too",
+]
+
+
+def legend(cells: list[Cell]) -> list[str]:
+    """The legend lines that apply to ``cells`` (the markers only when some row carries them)."""
+    lines = LEGEND[:-2]
+    if any(c.blocks_loop for c in cells):
+        lines.append(LEGEND[-2])
+    if any(c.load_unreached for c in cells):
+        lines.append(LEGEND[-1])
+    return lines
 
 
 def _by_load(cells: list[Cell]) -> list[Cell]:
@@ -58,6 +89,7 @@ def markdown_table(cells: list[Cell]) -> str:
     """The table in Markdown, then the headline ratios."""
     lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(show(cell) for _, show in COLUMNS) + " |" for cell in _by_load(cells)]
+    lines += ["", *(f"- {line}" for line in legend(cells))]
     summary = headline(cells)
     if summary:
         lines += ["", summary[0], "", *(f"- {line.strip()}" for line in summary[1:])]
@@ -66,6 +98,8 @@ def markdown_table(cells: list[Cell]) -> str:
 
 def print_table(cells: list[Cell], title: str, console: Console) -> None:
     console.print(rich_table(cells, title))
+    for line in legend(cells):
+        console.print(escape(line), style="dim")
     for line in headline(cells):
         console.print(escape(line))
 
@@ -100,50 +134,82 @@ def headline(cells: list[Cell]) -> list[str]:
     if len(lines) == 1:
         return []
     if inline is not None:
-        lines.append(f"  naive-inline: loop lag p99 {_ms(inline.lag_p99_ms)} ms, max {_ms(inline.lag_max_ms)} ms")
+        line = f"  naive-inline: loop lag p99 {_ms(inline.lag_p99_ms)} ms, max {_ms(inline.lag_max_ms)} ms"
+        if inline.blocks_loop:
+            line += f" (its own p50 of {_ms(inline.p50_ms)} ms is low because it blocks everything else)"
+        lines.append(line)
     return lines
 
 
-def _curve(cells: list[Cell], variant: str, kind: str, x: str, y: str) -> tuple[list[float], list[float]]:
-    """Points of one variant under one kind of load, in load order (concurrency or rate)."""
-    points = sorted(
-        (c.load_value, getattr(c, x), getattr(c, y))
-        for c in cells
-        if c.variant == variant and c.load_kind == kind and getattr(c, y) is not None
-    )
-    return [p[1] for p in points], [p[2] for p in points]
+def _curve(cells: list[Cell], variant: str, kind: str, x: str, y: str) -> list[tuple[float, float, Cell]]:
+    """Points ``(x, y, cell)`` of one variant under one kind of load, in load order (concurrency or rate)."""
+    chosen = [c for c in cells if c.variant == variant and c.load_kind == kind and getattr(c, y) is not None]
+    return [(getattr(c, x), getattr(c, y), c) for c in sorted(chosen, key=lambda c: c.load_value)]
 
 
 def plot(cells: list[Cell], path: Path, title: str) -> None:
-    """Throughput against p99 latency (closed and open loop), and loop lag against concurrency."""
+    """Closed loop: throughput against p99 latency; open loop: p99 latency over the offered load; loop lag.
+
+    Concurrency is written at both ends of each closed-loop line, the offline
+    ceilings are labelled, and a point whose loop lag p99 exceeds its own p50
+    latency (a variant blocking the loop) is crossed out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8), dpi=72)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 5.2), dpi=72)
     variants = list(dict.fromkeys(c.variant for c in cells if c.load_kind != "offline"))
     colors = {variant: f"C{i % 10}" for i, variant in enumerate(variants)}
     ceilings = [c for c in cells if c.load_kind == "offline"]
     styles: list[Any] = ["--", ":", "-."]
-    for ax, kind in zip(axes[:2], ("closed", "open"), strict=True):
+    panels = [
+        (axes[0], "closed", "throughput", "p99_ms", "closed loop (numbers: concurrency)", "throughput (requests/s)"),
+        (axes[1], "open", "load_value", "p99_ms", "open loop", "offered load (requests/s)"),
+        (axes[2], "closed", "load_value", "lag_p99_ms", "event-loop lag, closed loop", "concurrency"),
+    ]
+    blocked = False
+    for ax, kind, x, y, name, xlabel in panels:
         for variant in variants:
-            ax.plot(*_curve(cells, variant, kind, "throughput", "p99_ms"), "o-", ms=3, color=colors[variant])
-        for i, ceiling in enumerate(ceilings):
-            ax.axvline(ceiling.throughput, color="grey", linestyle=styles[i % 3], linewidth=1)
-        ax.set(xlabel="throughput (requests/s)", ylabel="p99 latency (ms)", yscale="log", title=f"{kind} loop")
-    for variant in variants:
-        axes[2].plot(*_curve(cells, variant, "closed", "load_value", "lag_p99_ms"), "o-", ms=3, color=colors[variant])
-    axes[2].set(xlabel="concurrency", ylabel="heartbeat lag p99 (ms)", xscale="log", yscale="log")
-    axes[2].set_title("event-loop lag, closed loop")
-    for ax in axes:
+            points = _curve(cells, variant, kind, x, y)
+            if not points:
+                continue
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            ax.plot(xs, ys, "o-", ms=3, color=colors[variant])
+            crossed = [(px, py) for px, py, cell in points if cell.blocks_loop]
+            if crossed and y != "lag_p99_ms":
+                blocked = True
+                ax.plot(*zip(*crossed, strict=True), "x", ms=9, mew=2, color="black", zorder=3)
+            if name.startswith("closed"):
+                for px, py, cell in (points[0], points[-1]) if len(points) > 1 else points[:1]:
+                    ax.annotate(f"{cell.load_value:g}", (px, py), xytext=(3, 3), textcoords="offset points", fontsize=7)
+        if x != "lag_p99_ms" and kind in ("closed", "open") and y == "p99_ms":
+            for i, ceiling in enumerate(ceilings):
+                ax.axvline(ceiling.throughput, color="grey", linestyle=styles[i % 3], linewidth=1)
+                label = f"{ceiling.variant}: {ceiling.throughput:,.0f}/s"
+                ax.text(ceiling.throughput, 0.98, label, transform=ax.get_xaxis_transform(), rotation=90,
+                        ha="right", va="top", fontsize=7, color="dimgrey")  # fmt: skip
+        if kind == "open":
+            for rate in sorted({c.load_value for c in cells if c.load_kind == "open" and c.load_unreached}):
+                ax.axvline(rate, color="red", linestyle=":", linewidth=1)
+                ax.text(rate, 0.02, "beyond the load generator", transform=ax.get_xaxis_transform(), rotation=90,
+                        ha="left", va="bottom", fontsize=7, color="red")  # fmt: skip
+        ylabel = "heartbeat lag p99 (ms)" if y == "lag_p99_ms" else "p99 latency (ms)"
+        ax.set(xlabel=xlabel, ylabel=ylabel, yscale="log", title=name)
+        if x == "load_value" and kind == "closed":
+            ax.set_xscale("log")
         ax.grid(True, which="both", alpha=0.3)
     handles = [Line2D([], [], color=colors[v], marker="o", ms=3) for v in variants]
     handles += [Line2D([], [], color="grey", linestyle=styles[i % 3]) for i in range(len(ceilings))]
-    labels = variants + [c.variant for c in ceilings]
-    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(6, len(labels)), frameon=False)
+    labels = variants + [f"{c.variant} (ceiling)" for c in ceilings]
+    if blocked:
+        handles.append(Line2D([], [], color="black", marker="x", ms=8, mew=2, linestyle=""))
+        labels.append("loop lag p99 > own p50: blocks the event loop (see right panel)")
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(4, len(labels)), frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.06, right=0.98, top=0.88, bottom=0.16 + 0.04 * (len(labels) // 6), wspace=0.3)
+    rows = -(-len(labels) // 4)
+    fig.subplots_adjust(left=0.05, right=0.98, top=0.9, bottom=0.12 + 0.035 * rows, wspace=0.28)
     fig.savefig(path)
     plt.close(fig)

@@ -14,9 +14,15 @@ import numpy as np
 
 import batchkit
 
-from ._loads import Load, Trace
+from ._loads import HEARTBEAT_S, Load, Trace
 
-__all__ = ["Cell", "machine_info", "summarize", "write_json"]
+__all__ = ["LAG_JITTER_MS", "REACH", "Cell", "machine_info", "summarize", "write_json"]
+
+
+REACH = 0.95
+"""An open-loop rate is reachable when the generator alone issues this share of its arrivals on time."""
+LAG_JITTER_MS = 2 * HEARTBEAT_S * 1000.0
+"""Heartbeat lateness below this is the timer's own jitter, not a blocked loop."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,21 @@ class Cell:
     lag_p99_ms: float | None
     """Heartbeat lateness; None where no event loop is involved (offline-ideal)."""
     lag_max_ms: float | None
+    load_reach: float | None = None
+    """Open loop: the share of arrivals the load generator alone issues on time at this rate."""
+
+    @property
+    def blocks_loop(self) -> bool:
+        """The loop lag p99 exceeds the variant's own p50 latency (and the timer's jitter): its latency hides
+        what it costs every other coroutine."""
+        if self.lag_p99_ms is None or self.p50_ms is None:
+            return False
+        return self.lag_p99_ms > max(self.p50_ms, LAG_JITTER_MS)
+
+    @property
+    def load_unreached(self) -> bool:
+        """An open-loop rate the load generator alone cannot issue on time on this machine."""
+        return self.load_reach is not None and self.load_reach < REACH
 
 
 def _percentiles(values: list[float], qs: tuple[float, ...]) -> list[float | None]:
@@ -83,6 +104,7 @@ def summarize(
         model_busy=trace.model_busy,
         lag_p99_ms=lag_p99,
         lag_max_ms=lag_max,
+        load_reach=load.reach,
     )
 
 
