@@ -1,0 +1,216 @@
+"""Regressions found by an adversarial review of the core's second pass, each through the public API."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import gc
+import logging
+import threading
+import time
+import weakref
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import batchkit
+from tests._reliability import check_settled, wait_until
+
+
+def test_a_loop_closed_with_requests_outstanding_leaves_nothing_behind_for_the_next() -> None:
+    """Loop 1 closes without cleanup while 4 requests run and 2 are queued: loop 2's callers are
+    answered, and the dead loop's requests are counted as failed, not left in flight."""
+
+    def model(batch: list[int]) -> list[int]:
+        time.sleep(0.1)
+        return [x * 10 for x in batch]
+
+    batcher = batchkit.Batcher(model, collate=None, max_batch_size=4, max_wait_ms=1)
+
+    async def first() -> None:
+        for i in range(6):
+            asyncio.ensure_future(batcher.predict(i))
+        await asyncio.sleep(0.02)
+
+    async def second() -> list[int]:
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(batcher.predict(100 + i) for i in range(2))), 5)
+        finally:
+            await batcher.aclose()
+
+    logging.disable(logging.CRITICAL)  # asyncio's "Task was destroyed but it is pending"
+    try:
+        loop1 = asyncio.new_event_loop()
+        loop1.run_until_complete(first())
+        loop1.close()
+        loop2 = asyncio.new_event_loop()
+        try:
+            assert loop2.run_until_complete(second()) == [1000, 1010]
+        finally:
+            loop2.close()
+    finally:
+        logging.disable(logging.NOTSET)
+    stats = batcher.stats()
+    assert (stats.in_flight, stats.pending, stats.completed, stats.failed) == (0, 0, 2, 6)
+    check_settled(stats)
+
+
+@pytest.mark.anyio
+async def test_a_model_raising_stop_iteration_fails_only_that_input() -> None:
+    """StopIteration cannot be set on an asyncio future: the caller gets a RuntimeError, and
+    the batch's other callers their results."""
+
+    def model(batch: list[str]) -> list[str]:
+        if "bad" in batch:
+            next(iter([]))
+        return [x.upper() for x in batch]
+
+    batcher = batchkit.Batcher(model, collate=None, max_batch_size=4, max_wait_ms=20, on_error="isolate")
+    outcomes: dict[str, Any] = {}
+
+    async def one(x: str) -> None:
+        try:
+            outcomes[x] = await batcher.predict(x)
+        except Exception as error:
+            outcomes[x] = error
+
+    with anyio.fail_after(10):
+        async with batcher, anyio.create_task_group() as tg:
+            for x in ("a", "bad", "c", "d"):
+                tg.start_soon(one, x)
+    assert isinstance(outcomes.pop("bad"), RuntimeError)
+    assert outcomes == {"a": "A", "c": "C", "d": "D"}
+    check_settled(batcher.stats())
+
+
+@pytest.mark.anyio
+async def test_two_tasks_can_each_use_async_with_on_one_batcher() -> None:
+    """Each `async with` exits only what it entered: the second never takes the first's task group."""
+    batcher = batchkit.Batcher(lambda xs: [x * 2 for x in xs], collate=None, max_batch_size=4, max_wait_ms=1)
+    got: list[Any] = []
+
+    async def handler(hold: float) -> None:
+        async with batcher:
+            got.append(await batcher.predict(1))
+            await anyio.sleep(hold)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler, 0.2)
+            await wait_until(lambda: len(got) == 1)
+            tg.start_soon(handler, 0.0)
+    assert got == [2, 2]
+    assert batcher.closed
+
+
+@pytest.mark.anyio
+async def test_async_with_nested_in_one_task_across_a_cancel_scope() -> None:
+    batcher = batchkit.Batcher(lambda xs: [x * 2 for x in xs], collate=None, max_wait_ms=1)
+    with anyio.fail_after(10):
+        async with batcher:
+            with anyio.CancelScope():
+                async with batcher:
+                    assert await batcher.predict(3) == 6
+    assert batcher.closed
+
+
+@pytest.mark.anyio
+async def test_an_idle_worker_thread_does_not_keep_the_last_batch_alive() -> None:
+    batcher = batchkit.Batcher(lambda batch: batch.sum(axis=1), max_batch_size=8, max_wait_ms=1)
+    xs = [np.ones(1000) for _ in range(8)]
+    refs = [weakref.ref(x) for x in xs]
+    with anyio.fail_after(10):
+        async with batcher:
+            async with anyio.create_task_group() as tg:
+                for x in xs:
+                    tg.start_soon(batcher.predict, x)
+            del xs, x
+            await anyio.sleep(0.2)  # the thread is idle, waiting for its next job
+            gc.collect()
+            alive = sum(r() is not None for r in refs)
+            assert alive == 0, f"{alive} of 8 inputs still alive after every caller was answered"
+
+
+def test_aclose_from_another_running_loop_refuses_and_leaves_the_batcher_open() -> None:
+    batcher = batchkit.Batcher(lambda xs: [x * 2 for x in xs], collate=None, max_wait_ms=1)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        assert asyncio.run_coroutine_threadsafe(batcher.predict(1), loop).result(5) == 2
+
+        async def elsewhere() -> None:
+            with pytest.raises(RuntimeError, match="event loop it runs on"):
+                await batcher.aclose()
+
+        asyncio.run(elsewhere())
+        assert not batcher.closed
+        assert asyncio.run_coroutine_threadsafe(batcher.predict(2), loop).result(5) == 4
+        asyncio.run_coroutine_threadsafe(batcher.aclose(), loop).result(5)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+class Scaled:
+    def __init__(self, scale: int) -> None:
+        self.scale = scale
+
+    @batchkit.batch(collate=None, max_wait_ms=5)
+    def predict(self, xs: list[int]) -> list[int]:
+        return [x * self.scale for x in xs]
+
+
+@pytest.mark.anyio
+async def test_a_call_keeps_its_instance_alive_like_a_bound_method() -> None:
+    with anyio.fail_after(10):
+        assert await Scaled(3).predict(2) == 6  # the instance is a temporary
+        scaled = Scaled(5)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scaled.predict, 2)
+            ref = weakref.ref(scaled)
+            del scaled  # the call in progress keeps it
+            gc.collect()
+        gc.collect()
+        assert ref() is None  # and once the call is done, nothing does
+
+
+@pytest.mark.anyio
+async def test_a_copied_instance_gets_its_own_batcher() -> None:
+    original = Scaled(10)
+    with anyio.fail_after(10):
+        assert await original.predict(1) == 10
+        twin = copy.copy(original)
+        twin.scale = 1000
+        assert await twin.predict(1) == 1000
+        assert twin.predict is not original.predict
+        assert await original.predict(1) == 10
+
+
+@pytest.mark.anyio
+async def test_int_and_float_lists_are_batched_apart() -> None:
+    """A float payload never turns its batch-mates' integer ids into floats."""
+    seen: list[Any] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        seen.append(batch.dtype)
+        return batch.sum(axis=1)
+
+    batcher = batchkit.Batcher(model, max_batch_size=4, max_wait_ms=20)
+    results: dict[str, Any] = {}
+
+    async def one(name: str, x: list[Any]) -> None:
+        results[name] = await batcher.predict(x)
+
+    with anyio.fail_after(10):
+        async with batcher, anyio.create_task_group() as tg:
+            tg.start_soon(one, "ints", [1, 2, 3])
+            tg.start_soon(one, "floats", [0.5, 1.5, 2.0])
+            tg.start_soon(one, "more ints", [4, 5, 6])
+    assert results == {"ints": 6, "floats": 4.0, "more ints": 15}
+    assert sorted(str(dtype) for dtype in seen) == ["float64", "int64"]
+    with pytest.raises(batchkit.InvalidInputError):
+        await batcher.predict([1, 2**70])  # no fixed-width integer type holds it
