@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import batchkit
 from batchkit._extras import DISTRIBUTION, require
 
 
@@ -45,7 +46,14 @@ def test_integrations_name_their_extra(
 ) -> None:
     for name in (module, "batchkit._prometheus"):
         monkeypatch.delitem(sys.modules, name, raising=False)  # import afresh; restored afterwards
-    monkeypatch.setitem(sys.modules, dependency, None)
+    for name in [dependency, *(m for m in sys.modules if m.startswith(f"{dependency}."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed, even if imported before
     hint = rf"{module} needs .*'{extra}' extra: pip install \"{DISTRIBUTION}\[{extra}\]\""
     with pytest.raises(ImportError, match=hint):
         importlib.import_module(module)
+
+
+def test_from_module_without_torch_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(ImportError, match=r"'torch' extra"):
+        batchkit.Batcher.from_module(object())

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import batchkit
+
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
@@ -91,3 +93,16 @@ async def test_concurrent_http_requests_are_answered_by_batching_replicas(serve_
             )
             batched = max(batched, stats["requests"] - stats["batches"])
         assert batched > 0  # some replica answered more requests than it ran batches
+
+
+def test_only_invalid_input_maps_to_http_400() -> None:
+    """A collator's refusal is the client's fault (400); a TypeError raised by the model is a bug (500)."""
+    from batchkit.ray import _error_response
+
+    refused = _error_response(batchkit.InvalidInputError("cannot batch str"))
+    assert refused is not None
+    assert refused.status_code == 400
+    assert _error_response(TypeError("the model's own bug")) is None  # Serve answers 500
+    timed_out = _error_response(batchkit.ModelTimeoutError("hung"))
+    assert timed_out is not None
+    assert timed_out.status_code == 504

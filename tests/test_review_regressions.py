@@ -30,9 +30,9 @@ def test_a_loop_closed_with_requests_outstanding_leaves_nothing_behind_for_the_n
     batcher = batchkit.Batcher(model, collate=None, max_batch_size=4, max_wait_ms=1)
 
     async def first() -> None:
-        for i in range(6):
-            asyncio.ensure_future(batcher.predict(i))
+        tasks = [asyncio.ensure_future(batcher.predict(i)) for i in range(6)]
         await asyncio.sleep(0.02)
+        assert not any(task.done() for task in tasks)  # 4 running, 2 queued when the loop is closed
 
     async def second() -> list[int]:
         try:
@@ -206,11 +206,12 @@ async def test_int_and_float_lists_are_batched_apart() -> None:
         results[name] = await batcher.predict(x)
 
     with anyio.fail_after(10):
-        async with batcher, anyio.create_task_group() as tg:
-            tg.start_soon(one, "ints", [1, 2, 3])
-            tg.start_soon(one, "floats", [0.5, 1.5, 2.0])
-            tg.start_soon(one, "more ints", [4, 5, 6])
+        async with batcher:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one, "ints", [1, 2, 3])
+                tg.start_soon(one, "floats", [0.5, 1.5, 2.0])
+                tg.start_soon(one, "more ints", [4, 5, 6])
+            with pytest.raises(batchkit.InvalidInputError):
+                await batcher.predict([1, 2**70])  # no fixed-width integer type holds it
     assert results == {"ints": 6, "floats": 4.0, "more ints": 15}
     assert sorted(str(dtype) for dtype in seen) == ["float64", "int64"]
-    with pytest.raises(batchkit.InvalidInputError):
-        await batcher.predict([1, 2**70])  # no fixed-width integer type holds it

@@ -32,7 +32,9 @@ else:
 
 from ._backend import current_backend
 from ._collate import CollateArg, make_collator
+from ._errors import BatcherClosedError
 from ._execute import Executor
+from ._extras import require
 from ._padding import PadSequences
 from ._runner import Replicas
 from ._scheduler import Scheduler
@@ -198,7 +200,9 @@ class Batcher(Generic[InT, OutT]):
             settings, collator.key, padded_cost=isinstance(collator, PadSequences), name=self._name
         )
         self._worker: Worker | None = None
-        self._task_group: anyio.abc.TaskGroup | None = None  # the worker's, inside `async with`
+        self._entries: list[tuple[int, anyio.abc.TaskGroup | None]] = []  # `async with` blocks: (task, group)
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._instance: object = None  # an instance's batcher holds it (see __get__)
         self._instance_key = f"__batchkit_{id(self):x}"  # where an instance keeps its own batcher
         self._instances: weakref.WeakSet[Batcher[InT, OutT]] = weakref.WeakSet()
         functools.update_wrapper(self, fn, updated=())
@@ -249,6 +253,7 @@ class Batcher(Generic[InT, OutT]):
         Raises:
             ValueError: the module's device or dtype does not match the request.
         """
+        require("torch", "torch", "Batcher.from_module")
         from ._torch import module_replicas
 
         fns = module_replicas(
@@ -410,7 +415,7 @@ class Batcher(Generic[InT, OutT]):
             worker = self._bind()
         except BaseException as error:
             raise scheduler.refuse(error) from None
-        worker.backend.spawn_system_task(functools.partial(self._run_worker, worker))
+        worker.backend.spawn_system_task(functools.partial(_run_worker, weakref.ref(self), worker))
         logger.debug("batcher %r started on %s", self._name, worker.backend.name)
         return worker
 
@@ -428,40 +433,49 @@ class Batcher(Generic[InT, OutT]):
         worker = Worker(scheduler, backend, self._executor, self._slot_fns, is_async=self._is_async)
         scheduler.attach(backend)
         self._worker = worker
+        # Dropped without aclose(), the batcher still stops its worker: the worker's task and
+        # threads hold the scheduler and the worker, never this object.
+        self._finalizer = weakref.finalize(self, _release_worker, scheduler, worker)
         return worker
 
     def _forget(self, worker: Worker) -> None:
-        """Drop a worker whose event loop is gone: its callers went with the loop."""
+        """Drop a worker whose event loop is gone; its callers went with the loop."""
         logger.warning("batcher %r: its event loop ended without aclose(); starting afresh", self._name)
-        self._scheduler.detach()
-        worker.abandon()
+        self._scheduler.detach()  # the callers' futures belong to the dead loop: count them, answer none
+        worker.abandon(BatcherClosedError(f"batcher {self._name!r}: its event loop ended without aclose()"))
+        self._worker_ended(worker)
+
+    def _worker_ended(self, worker: Worker) -> None:
         if self._worker is worker:
             self._worker = None
-
-    async def _run_worker(self, worker: Worker) -> None:
-        try:
-            await worker.run()
-        finally:
-            if self._worker is worker:
-                self._worker = None
-                self._scheduler.detach()
+            self._scheduler.detach()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
 
     async def __aenter__(self) -> Batcher[InT, OutT]:
         scheduler = self._scheduler
         if scheduler.closing:
             raise scheduler.closed_error()
+        task = anyio.get_current_task().id
         worker = self._worker
         if worker is not None and worker.backend.is_current():
-            return self  # already started by a predict()
+            self._entries.append((task, None))  # already running: this block neither starts nor owns it
+            return self
         worker = self._bind()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
-        self._task_group = task_group
-        task_group.start_soon(self._run_worker, worker)
+        self._entries.append((task, task_group))
+        task_group.start_soon(_run_worker, weakref.ref(self), worker)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        task_group, self._task_group = self._task_group, None
+        task = anyio.get_current_task().id
+        task_group = None
+        for index in range(len(self._entries) - 1, -1, -1):  # this task's innermost block
+            if self._entries[index][0] == task:
+                task_group = self._entries.pop(index)[1]
+                break
         try:
             await self.aclose()
         finally:
@@ -479,30 +493,23 @@ class Batcher(Generic[InT, OutT]):
         cancelled, a worker started lazily still finishes draining in the
         background; one started by ``async with`` is cancelled with its task
         group, and the requests it still held fail with ``BatcherClosedError``.
+
+        Raises:
+            RuntimeError: called from an event loop other than the running one
+                the batcher is bound to (the batcher stays open).
         """
+        worker = self._worker
+        if worker is not None and not worker.backend.is_current() and worker.backend.alive():
+            raise RuntimeError(f"batcher {self._name!r} must be closed from the event loop it runs on")
         scheduler = self._scheduler
         scheduler.closing = True
-        worker = self._worker
         if worker is None:
             return
         if not worker.backend.is_current():
-            if worker.backend.alive():
-                raise RuntimeError(f"batcher {self._name!r} must be closed from the event loop it runs on")
             self._forget(worker)
             return
         scheduler.wake()
         await worker.done.wait()
-
-    def _release(self) -> None:
-        """Close without awaiting, from any thread (an instance's batcher, when the instance is collected)."""
-        self._scheduler.closing = True
-        worker = self._worker
-        if worker is None:
-            return
-        try:
-            worker.backend.call_soon_threadsafe(self._scheduler.wake)
-        except RuntimeError:  # the loop is gone
-            worker.abandon()
 
     # -- introspection ------------------------------------------------------------
 
@@ -520,25 +527,49 @@ class Batcher(Generic[InT, OutT]):
         if instance is None:
             return self
         try:
-            return instance.__dict__[self._instance_key]  # type: ignore[no-any-return]
+            bound: Batcher[InT, OutT] = instance.__dict__[self._instance_key]
         except KeyError:
             return self._for_instance(instance)
         except AttributeError:
             raise TypeError(
                 f"{type(instance).__qualname__} has no __dict__ to keep its batcher in; remove __slots__"
             ) from None
+        if bound._instance is not instance:  # a copy of another instance's __dict__
+            return self._for_instance(instance)
+        return bound
 
     def _for_instance(self, instance: object) -> Batcher[InT, OutT]:
+        # The model function holds the instance weakly (the worker's threads and task must not
+        # keep it alive); the instance's batcher holds it strongly, so a call in progress keeps
+        # its instance alive as a bound method would. Instance and batcher form a cycle that
+        # the garbage collector frees once both are unreachable; the batcher's finalizer then
+        # stops its worker and threads.
         fn = _weak_method(self._fn, instance, self._is_async)
         options: dict[str, Any] = {**self._options, "name": f"{self._name}@{id(instance):x}"}
         bound: Batcher[InT, OutT] = Batcher(fn, **options)
-        try:
-            weakref.finalize(instance, bound._release)
-        except TypeError:
-            raise TypeError(
-                f"{type(instance).__qualname__} cannot be weakly referenced, so its batcher could never be "
-                "released; add '__weakref__' to its __slots__"
-            ) from None
+        bound._instance = instance
         instance.__dict__[self._instance_key] = bound
         self._instances.add(bound)
         return bound
+
+
+async def _run_worker(batcher: weakref.ref[Batcher[Any, Any]], worker: Worker) -> None:
+    """The worker's task: it refers to its batcher weakly, so a dropped batcher can be collected."""
+    try:
+        await worker.run()
+    finally:
+        owner = batcher()
+        if owner is not None:
+            owner._worker_ended(worker)
+
+
+def _release_worker(scheduler: Scheduler, worker: Worker) -> None:
+    """Stop the worker of a batcher that was collected without aclose(); from any thread."""
+    scheduler.closing = True
+    if worker.retired:
+        return
+    try:
+        worker.backend.call_soon_threadsafe(scheduler.wake)  # it drains, then stops its threads
+    except RuntimeError:  # the loop is gone
+        scheduler.detach()
+        worker.abandon(BatcherClosedError(f"batcher {scheduler.name!r} was dropped"))

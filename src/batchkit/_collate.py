@@ -117,13 +117,22 @@ def _is_dataclass_instance(item: Any) -> bool:
     return dataclasses.is_dataclass(item) and not isinstance(item, type)
 
 
+def _numbers_key(item: list[Any], path: str) -> Hashable:
+    """A flat list of numbers (a JSON payload) is keyed as the 1-D array it becomes."""
+    dtype = np.asarray(item).dtype
+    if dtype.kind == "O":
+        where = f" at {path}" if path != "input" else ""
+        raise InvalidInputError(f"a list of numbers{where} holds an integer too large for any array type")
+    return ("numbers", len(item), dtype)
+
+
 def _tree_key(item: Any, path: str) -> Hashable:
     leaf = _leaf_key(item)
     if leaf is not None:
         return leaf
     kind = type(item)
     if kind is list and item and all(isinstance(v, _NUMBER_TYPES) for v in item):
-        return ("numbers", len(item))  # a flat list of numbers (a JSON payload) is a 1-D array
+        return _numbers_key(item, path)
     if kind is dict:
         return ("dict", tuple((k, _tree_key(v, f"{path}[{k!r}]")) for k, v in item.items()))
     if _is_namedtuple(item):

@@ -147,7 +147,7 @@ class Executor:
                 try:
                     output = fn(batch)
                 except BaseException as exc:
-                    batch = plan.throw(exc)
+                    batch = plan.throw(_answerable(exc))
                 else:
                     batch = plan.send(output)
         except StopIteration as done:
@@ -182,7 +182,7 @@ class Executor:
                         raise
                     batch = plan.throw(_stray_cancellation(exc))
                 except BaseException as exc:
-                    batch = plan.throw(exc)
+                    batch = plan.throw(_answerable(exc))
                 else:
                     batch = plan.send(output)
         except StopIteration as done:
@@ -201,6 +201,19 @@ class Executor:
 
 class ModelCancelledError(RuntimeError):
     """The model raised a cancellation of its own (it was not being cancelled)."""
+
+
+def _answerable(error: BaseException) -> BaseException:
+    """``error``, or a ``RuntimeError`` in its place where it cannot be raised into a caller.
+
+    ``StopIteration`` and ``StopAsyncIteration`` would end the caller's coroutine
+    (asyncio refuses them on a future; PEP 479 turns them into ``RuntimeError``).
+    """
+    if isinstance(error, (StopIteration, StopAsyncIteration)):
+        wrapped = RuntimeError(f"the model raised {type(error).__name__}")
+        wrapped.__cause__ = error
+        return wrapped
+    return error
 
 
 def _stray_cancellation(cause: BaseException) -> ModelCancelledError:

@@ -52,6 +52,7 @@ class ThreadRunner:
             if job is None:
                 return
             job()
+            del job  # an idle thread must not keep its last batch (inputs, outputs) alive
 
 
 class Replicas:

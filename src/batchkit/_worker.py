@@ -84,15 +84,19 @@ class Worker:
             if run_timeout is not None:
                 self._give_up_hung(now)
             scheduler.expire(now)
-            if self._idle:
-                batch = scheduler.take(now)
-                if batch is not None:
-                    self._start(batch)
-                    continue
-                if scheduler.closing and len(self._idle) == len(self._slots):
-                    return  # drained: everything accepted has been answered
+            self._dispatch(now)
+            if scheduler.closing and not scheduler.pending and len(self._idle) == len(self._slots):
+                return  # drained: everything accepted has been answered
             until = min((s.deadline for s in self._slots if s.deadline is not None), default=math.inf)
             await scheduler.sleep(can_start=bool(self._idle), until=until)
+
+    def _dispatch(self, now: float) -> None:
+        """Start a due batch in every free slot."""
+        while self._idle:
+            batch = self._scheduler.take(now)
+            if batch is None:
+                return
+            self._start(batch)
 
     def _start(self, batch: Batch) -> None:
         slot = self._idle.pop()
@@ -123,10 +127,16 @@ class Worker:
             self._finish(slot, batch, outcome)
 
     def _finish(self, slot: Slot, batch: Batch, outcome: Outcome) -> None:
-        """On the loop: a run is done; free its slot, then let the scheduler answer."""
+        """On the loop: a run is done. Start the next batch first, then answer this one's callers.
+
+        In that order the model is never idle while the loop wakes a whole batch
+        of callers (at saturation that gap was about a tenth of the model's time).
+        """
         if slot.batch is not batch:
             return  # a run given up on: its callers were answered then
         self._release(slot)
+        if not self.retired:
+            self._dispatch(clock())
         self._scheduler.finish(batch, outcome)
 
     def _release(self, slot: Slot) -> None:
@@ -177,10 +187,17 @@ class Worker:
         self.done.set()
         logger.debug("batcher %r: worker stopped", scheduler.name)
 
-    def abandon(self) -> None:
-        """Forget this worker without its loop (the loop is gone): no callbacks, just stop threads."""
+    def abandon(self, error: BaseException) -> None:
+        """Forget this worker without its loop (the loop is gone): fail what it holds, stop its threads.
+
+        The scheduler must be detached first: the callers' futures belong to the dead loop.
+        """
         self.retired = True
         for slot in self._slots:
+            batch, slot.batch = slot.batch, None
+            if batch is not None:
+                self._scheduler.fail_batch(batch, error)
             if slot.runner is not None:
                 slot.runner.stop(join=False)
                 slot.runner = None
+        self._scheduler.fail_queued(error)

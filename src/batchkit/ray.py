@@ -26,7 +26,8 @@ the JSON body, awaiting ``batcher.predict`` and encoding the result, answers
 ``GET .../stats`` with the replica's ``stats()``, and drains its batcher when
 Serve stops it. Python callers through a ``DeploymentHandle`` send inputs
 directly: ``await handle.remote(x)``. Errors map to HTTP statuses: a full queue
-is 503, a timeout 504, an input the collator refuses 400.
+is 503, a timeout 504, an input the collator refuses (`InvalidInputError`) 400;
+a `TypeError` the model itself raises is a 500, like any model bug.
 
 Why not ``@serve.batch``? It batches per replica too, but runs the batch
 function on the replica's event loop (a synchronous model then blocks every
@@ -50,7 +51,13 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 
 from ._batcher import Batcher  # noqa: E402
-from ._errors import BatcherClosedError, QueueFullError, RequestTimeoutError  # noqa: E402
+from ._errors import (  # noqa: E402
+    BatcherClosedError,
+    InvalidInputError,
+    ModelTimeoutError,
+    QueueFullError,
+    RequestTimeoutError,
+)
 
 __all__ = ["batched_deployment"]
 
@@ -60,7 +67,13 @@ def _identity(value: Any) -> Any:
 
 
 def _error_response(error: Exception) -> JSONResponse | None:
-    status = {QueueFullError: 503, BatcherClosedError: 503, RequestTimeoutError: 504, TypeError: 400}
+    status = {
+        QueueFullError: 503,
+        BatcherClosedError: 503,
+        RequestTimeoutError: 504,
+        ModelTimeoutError: 504,
+        InvalidInputError: 400,  # bad input only: a TypeError the model raised is a 500
+    }
     for kind, code in status.items():
         if isinstance(error, kind):
             return JSONResponse({"error": type(error).__name__, "detail": str(error)}, status_code=code)
