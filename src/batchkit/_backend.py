@@ -167,18 +167,15 @@ class TrioBackend:
         self._lowlevel.spawn_system_task(fn, name="batchkit-worker")
 
     def wait(self, request: Waitable) -> Awaitable[Any]:
-        return self._park(request)
-
-    async def _park(self, request: Waitable) -> Any:
         lowlevel = self._lowlevel
-        request.waiter = lowlevel.current_task()
+        request.waiter = lowlevel.current_task()  # wait() runs in the caller's task, right before its await
         on_abort = self._on_abort
 
         def abort(_: object) -> Any:
             on_abort(request)
             return lowlevel.Abort.SUCCEEDED
 
-        return await lowlevel.wait_task_rescheduled(abort)
+        return lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
 
     def withdrawn(self, request: Waitable) -> bool:
         return False  # trio calls abort() at the moment of cancellation
