@@ -152,7 +152,7 @@ def test_close_answers_every_accepted_request() -> None:
 async def test_predict_inside_an_event_loop_is_a_clear_error(anyio_backend: str) -> None:
     batcher: SyncBatcher[int, int] = SyncBatcher(lambda b: b, collate=None)
     try:
-        with pytest.raises(RuntimeError, match=r"await batcher\.predict"):
+        with pytest.raises(RuntimeError, match=r"await batcher\.apredict"):
             batcher.predict(1)
         # ... while a worker thread is the place for it.
         with anyio.fail_after(30):
@@ -174,3 +174,77 @@ def test_wraps_a_batcher_that_has_not_started() -> None:
         SyncBatcher(Batcher(lambda b: b), max_batch_size=4)
     with pytest.raises(BatcherClosedError):
         SyncBatcher(inner)
+
+
+@pytest.mark.anyio
+async def test_apredict_shares_batches_with_threads(anyio_backend: str) -> None:
+    """Coroutines (on this test's loop) and threads send to one SyncBatcher; they share batches."""
+    model = RecordingModel(lambda batch: [x * 2 for x in batch])
+    batcher: SyncBatcher[int, int] = SyncBatcher(model, collate=None, max_batch_size=64, max_wait_ms=50)
+    results: dict[int, int] = {}
+
+    async def from_coroutine(i: int) -> None:
+        results[i] = await batcher.apredict(i)
+
+    try:
+        with anyio.fail_after(30):
+            with ThreadPoolExecutor(8) as pool:
+                threaded = [pool.submit(batcher.predict, 100 + i) for i in range(8)]
+                async with anyio.create_task_group() as tg:
+                    for i in range(8):
+                        tg.start_soon(from_coroutine, i)
+                for i, future in enumerate(threaded):
+                    results[100 + i] = future.result()
+    finally:
+        await anyio.to_thread.run_sync(batcher.close)
+    assert results == {i: 2 * i for i in [*range(8), *range(100, 108)]}
+    assert any({x < 100 for x in b} == {True, False} for b in model.batches)  # a batch of both kinds
+
+
+@pytest.mark.anyio
+async def test_apredict_cancelled_withdraws_the_request(anyio_backend: str) -> None:
+    model = RecordingModel(gated=True)
+    batcher: SyncBatcher[int, int] = SyncBatcher(model, collate=None, max_batch_size=1, max_wait_ms=0)
+    try:
+        with anyio.fail_after(30):
+            with ThreadPoolExecutor(1) as pool:
+                held = pool.submit(batcher.predict, 1)
+                assert await anyio.to_thread.run_sync(model.entered.wait, 30)
+                with anyio.move_on_after(0.2):
+                    await batcher.apredict(2)  # queued behind the held batch, then cancelled
+                model.gate.set()
+                assert held.result(30) == 1
+            assert await batcher.apredict(3) == 3
+    finally:
+        model.gate.set()
+        await anyio.to_thread.run_sync(batcher.close)
+    assert model.seen == [1, 3]  # the cancelled request was never computed
+    stats = batcher.stats()
+    assert (stats.completed, stats.cancelled) == (2, 1)
+
+
+def test_configure_from_a_thread_takes_effect_at_once() -> None:
+    """A request waiting out a long max_wait_ms goes as soon as another thread lowers it."""
+    with SyncBatcher(lambda b: b, collate=None, max_batch_size=8, max_wait_ms=60_000) as batcher:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(batcher.predict, 7)
+            deadline = time.monotonic() + 10
+            while batcher.stats().pending != 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            batcher.configure(max_wait_ms=0)
+            assert waiting.result(timeout=10) == 7  # not after a minute
+
+
+def test_a_sync_batcher_collected_unclosed_stops_its_thread() -> None:
+    import gc
+
+    batcher: SyncBatcher[int, int] | None = SyncBatcher(lambda b: b, collate=None)
+    assert batcher is not None
+    assert batcher.predict(1) == 1
+    assert _sync_threads()
+    del batcher
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while _sync_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _sync_threads()

@@ -14,12 +14,13 @@ predict(x) ─▶ Scheduler.submit ─▶ RequestQueue ─▶ Scheduler.take ─
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
 import logging
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 import anyio
@@ -40,6 +41,7 @@ from ._runner import Replicas
 from ._scheduler import Scheduler
 from ._settings import DEFAULT_MAX_QUEUE_SIZE, BatcherOptions, ModuleBatcherOptions, Settings
 from ._stats import BatcherStats
+from ._threads import ThreadFuture
 from ._worker import Worker
 
 __all__ = ["DEFAULT_MAX_QUEUE_SIZE", "Batcher", "BatcherOptions", "ModuleBatcherOptions"]
@@ -332,7 +334,9 @@ class Batcher(Generic[InT, OutT]):
         ``timeout_ms=None`` to remove the default deadline (it applies to new
         requests only). On a method's batcher (the class attribute), it applies
         to every instance's batcher, present and future. Either every option is
-        applied or, if one is invalid, none.
+        applied or, if one is invalid, none (the error is raised here). Safe
+        from any thread: from outside the batcher's loop, the options are
+        checked at once and applied on the loop.
         """
         settings = self._scheduler.settings.replace(
             max_batch_size=max_batch_size,
@@ -344,7 +348,15 @@ class Batcher(Generic[InT, OutT]):
         instances = list(self._instances)
         for instance in instances:  # check first: all or nothing
             instance._scheduler.settings.replace(max_batch_size=settings.max_batch_size)
-        self._scheduler.reconfigure(settings, reset_oom=max_batch_size is not None)
+        apply = functools.partial(self._scheduler.reconfigure, settings, reset_oom=max_batch_size is not None)
+        worker = self._worker
+        if worker is not None and not worker.backend.is_current():
+            try:
+                worker.backend.call_soon_threadsafe(apply)  # from another thread: on the loop, soon
+            except RuntimeError:  # the loop is gone
+                apply()
+        else:
+            apply()
         self._options.update(
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
@@ -403,6 +415,57 @@ class Batcher(Generic[InT, OutT]):
             raise
 
     __call__ = predict
+
+    async def predict_many(
+        self, xs: Iterable[InT], *, timeout_ms: float | None = None, priority: float = 0
+    ) -> list[OutT]:
+        """Send several inputs from one caller; their outputs, in order.
+
+        Each input is a request of its own (counted in ``stats()``, batched with
+        everyone else's). If one fails, the others still queued are withdrawn
+        and that error is raised (the first, if several fail).
+        """
+        items = list(xs)
+        results: list[Any] = [None] * len(items)
+        failures: list[BaseException] = []
+
+        async def one(index: int, x: InT) -> None:
+            try:
+                results[index] = await self.predict(x, timeout_ms=timeout_ms, priority=priority)
+            except Exception as error:
+                failures.append(error)
+                task_group.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as task_group:
+            for index, x in enumerate(items):
+                task_group.start_soon(one, index, x)
+        if failures:
+            raise failures[0]
+        return results
+
+    def submit_threadsafe(
+        self, x: InT, *, timeout_ms: float | None = None, priority: float = 0
+    ) -> concurrent.futures.Future[OutT]:
+        """Send one input from any thread; returns a ``concurrent.futures.Future`` of its output.
+
+        The batcher must already run on an event loop (in another thread, say:
+        this is what ``SyncBatcher`` is built on). The request is handed to that
+        loop without a task per request; errors (``QueueFullError``,
+        ``InvalidInputError``, the model's) are set on the future. Cancelling
+        the future withdraws a request that is still queued.
+
+        Raises:
+            RuntimeError: the batcher is not running on an event loop.
+        """
+        worker = self._worker
+        if worker is None:
+            raise RuntimeError(f"batcher {self._name!r} is not running on an event loop")
+        future: ThreadFuture[OutT] = ThreadFuture(self._scheduler.abandon, worker.inbox)
+        try:
+            worker.inbox.post(functools.partial(self._scheduler.submit_to, future, x, timeout_ms, priority))
+        except RuntimeError:
+            raise BatcherClosedError(f"batcher {self._name!r}: its event loop is gone") from None
+        return future
 
     # -- lifecycle ----------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from ._policy import ArrivalRate, CostModel, FlushPolicy, OomCap, make_policy
 from ._queue import CANCELLED, DONE, QUEUED, RUNNING, TIMED_OUT, Request, RequestQueue
 from ._settings import Settings, check_ms
 from ._stats import BatcherStats, Counters
+from ._threads import ThreadFuture
 
 __all__ = ["Batch", "Scheduler", "clock"]
 
@@ -192,6 +193,18 @@ class Scheduler:
             self._wakeup = None
             wakeup.set()
         return request
+
+    def submit_to(self, future: ThreadFuture[Any], x: Any, timeout_ms: float | None, priority: float) -> None:
+        """``submit`` for a caller in another thread (on the loop): its answer goes to ``future``."""
+        if future.cancelled():
+            return  # withdrawn before it got here: never a request
+        try:
+            request = self.submit(x, timeout_ms, priority)
+        except BaseException as error:
+            future.set_exception(error)
+            return
+        request.waiter = future
+        future.request = request
 
     def _special(self, x: Any, key: Hashable, now: float, timeout_ms: float | None, priority: float) -> Request:
         """A request with its own timeout or priority, or a cost."""

@@ -1,28 +1,32 @@
 """SyncBatcher: micro-batching for synchronous callers (threads), not coroutines.
 
 A ``SyncBatcher`` owns one background thread that runs an asyncio event loop with
-a ``Batcher`` on it. ``predict`` hands the input to that loop and
-blocks the calling thread until its own result is back:
+a ``Batcher`` on it. ``predict`` hands the input to that loop
+(``Batcher.submit_threadsafe``: no task per request, one loop wake-up per burst)
+and blocks the calling thread until its own result is back:
 
 ```text
 calling threads              background thread (event loop)      model thread
 ───────────────              ──────────────────────────────      ────────────
-predict(x) ──run_coroutine_threadsafe──▶ Batcher.predict(x) ──▶ fn(batch)
-     ▲ blocks on a concurrent Future        (queue, flush policy)
+predict(x) ──Inbox.post──▶ Scheduler.submit ──────────────────▶ fn(batch)
+     ▲ blocks on a concurrent Future   (queue, flush policy)
      └──────────── result / exception ◀──────────┘
 ```
 
 Many threads calling ``predict`` at the same time are batched together, exactly
-as concurrent coroutines are with ``Batcher``.
+as concurrent coroutines are with ``Batcher``; coroutines on any other event
+loop share the same batches through ``apredict``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
-from collections.abc import Callable, Coroutine
-from typing import Any, Generic, TypeVar, overload
+import weakref
+from collections.abc import Callable
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import sniffio
 
@@ -45,6 +49,47 @@ def _in_async_context() -> str | None:
         return None
 
 
+class _Loop:
+    """The background thread and its event loop, running one batcher until ``stop()``."""
+
+    def __init__(self, batcher: Batcher[Any, Any], name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(batcher,), name=f"batchkit-sync-{name}", daemon=True)
+        self.thread.start()
+        self._started.wait()
+        if self.error is not None:
+            self.thread.join()
+            raise self.error
+
+    def _run(self, batcher: Batcher[Any, Any]) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve(batcher))
+        finally:
+            self._started.set()
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    async def _serve(self, batcher: Batcher[Any, Any]) -> None:
+        self._stop = asyncio.Event()
+        try:
+            async with batcher:
+                self._started.set()
+                await self._stop.wait()
+        except BaseException as error:  # refused at start (a closed batcher, say)
+            self.error = error
+
+    def stop(self) -> None:
+        """Ask the loop to close the batcher (draining it) and end; from any thread, without waiting."""
+        stop = self._stop
+        if stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already ended
+                self.loop.call_soon_threadsafe(stop.set)
+
+
 class SyncBatcher(Generic[InT, OutT]):
     """A ``Batcher`` for synchronous code: threads call ``predict`` and block.
 
@@ -62,12 +107,13 @@ class SyncBatcher(Generic[InT, OutT]):
 
     The first ``predict`` starts a background thread running an asyncio event
     loop with the batcher on it; ``close()`` (or leaving the ``with`` block)
-    answers every accepted request, then stops that thread. Every method is
-    thread-safe.
+    answers every accepted request, then stops that thread. A ``SyncBatcher``
+    collected without ``close()`` stops its thread too. Every method is
+    thread-safe; ``apredict`` lets coroutines (on asyncio or trio, in any
+    thread) share the batches of the threads.
 
-    Inside a coroutine, use ``await Batcher.predict`` instead: blocking the event
-    loop on ``SyncBatcher.predict`` would stall every other task, so it raises
-    ``RuntimeError`` there.
+    Inside a coroutine, ``predict`` would block the event loop and stall every
+    other task, so it raises ``RuntimeError`` there: use ``await apredict(x)``.
     """
 
     @overload
@@ -86,10 +132,9 @@ class SyncBatcher(Generic[InT, OutT]):
         else:
             # Built here so that bad options fail at construction, as with Batcher.
             self._batcher = Batcher(fn, **options)
-        self._name: str = str(getattr(self._batcher, "_name", None) or repr(self._batcher))
+        self._name = self._batcher.name
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop: _Loop | None = None
         self._closed = False
 
     # -- configuration, read-only -------------------------------------------------
@@ -113,6 +158,10 @@ class SyncBatcher(Generic[InT, OutT]):
         state = "closed" if self._closed else ("running" if self._loop is not None else "idle")
         return f"<SyncBatcher {self._name} {state}>"
 
+    def configure(self, **options: Any) -> None:
+        """``Batcher.configure``, from any thread: checked here, applied on the batcher's loop."""
+        self._batcher.configure(**options)
+
     # -- the hot path -------------------------------------------------------------
 
     def predict(self, x: InT, *, timeout_ms: float | None = None, priority: float = 0) -> OutT:
@@ -121,61 +170,56 @@ class SyncBatcher(Generic[InT, OutT]):
         ``timeout_ms`` and ``priority`` are those of ``Batcher.predict``. Raises
         the same errors as ``Batcher.predict``: ``QueueFullError``,
         ``BatcherClosedError`` (after ``close()``), ``RequestTimeoutError``,
-        ``TypeError`` for an input that cannot be collated, or whatever the model
-        raised for this request's batch.
+        ``InvalidInputError`` for an input that cannot be batched, or whatever
+        the model raised for this request's batch.
 
         Raises:
             RuntimeError: called from a coroutine (a running event loop in this
-                thread); ``await Batcher.predict(x)`` is the way there.
+                thread); ``await apredict(x)`` is the way there.
         """
         library = _in_async_context()
         if library is not None:
             raise RuntimeError(
                 f"SyncBatcher.predict() blocks its thread and was called inside a running {library} event loop, "
-                "which would stall every other task; in async code use `await batcher.predict(x)` with a "
-                "batchkit.Batcher (or run this call in a worker thread)"
+                "which would stall every other task; in async code use `await batcher.apredict(x)` "
+                "(or run this call in a worker thread)"
             )
-        future = self._submit(lambda: self._batcher.predict(x, timeout_ms=timeout_ms, priority=priority))
+        future = self._submit(x, timeout_ms, priority)
         try:
             return future.result()
         except BaseException:
-            # Interrupted while waiting (KeyboardInterrupt, say): withdraw the request.
-            future.cancel()
+            future.cancel()  # interrupted while waiting (KeyboardInterrupt, say): withdraw the request
             raise
 
     __call__ = predict
 
-    def _submit(self, make: Callable[[], Coroutine[Any, Any, T]]) -> concurrent.futures.Future[T]:
-        """Schedule ``make()`` on the loop. Under the lock, so that ``close()`` sees every
-        request submitted before it and none is scheduled on a loop that is stopping."""
-        with self._lock:
-            if self._closed:
-                raise BatcherClosedError(f"batcher {self._name!r} is closed")
-            loop = self._loop if self._loop is not None else self._start_locked()
-            return asyncio.run_coroutine_threadsafe(make(), loop)
+    async def apredict(self, x: InT, *, timeout_ms: float | None = None, priority: float = 0) -> OutT:
+        """``predict`` for coroutines, on asyncio or trio: batched with the threads' requests.
+
+        Cancelling the caller withdraws a request that is still queued.
+        """
+        future = self._submit(x, timeout_ms, priority)
+        try:
+            return await _wait(future)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def _submit(self, x: InT, timeout_ms: float | None, priority: float) -> concurrent.futures.Future[OutT]:
+        loop = self._loop
+        if loop is None or self._closed:
+            with self._lock:  # start once; never on a batcher that close() has begun to stop
+                if self._closed:
+                    raise BatcherClosedError(f"batcher {self._name!r} is closed")
+                if self._loop is None:
+                    self._start_locked()
+        return self._batcher.submit_threadsafe(x, timeout_ms=timeout_ms, priority=priority)
 
     # -- lifecycle ----------------------------------------------------------------
 
-    def _start_locked(self) -> asyncio.AbstractEventLoop:
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        thread = threading.Thread(
-            target=self._serve, args=(loop, ready), name=f"batchkit-sync-{self._name}", daemon=True
-        )
-        thread.start()
-        ready.wait()
-        self._thread = thread
-        self._loop = loop
-        return loop
-
-    def _serve(self, loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
-        asyncio.set_event_loop(loop)
-        loop.call_soon(ready.set)
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
+    def _start_locked(self) -> None:
+        loop = self._loop = _Loop(self._batcher, self._name)
+        weakref.finalize(self, loop.stop)  # collected without close(): the thread still ends
 
     def close(self) -> None:
         """Stop accepting requests, answer every accepted one, stop the background thread.
@@ -187,16 +231,13 @@ class SyncBatcher(Generic[InT, OutT]):
             if self._closed:
                 return
             self._closed = True
-            loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
+            loop = self._loop
+        if loop is None:
             return
-        if threading.current_thread() is thread:
+        if threading.current_thread() is loop.thread:
             raise RuntimeError("SyncBatcher.close() cannot be called from the batcher's own thread")
-        try:
-            asyncio.run_coroutine_threadsafe(self._batcher.aclose(), loop).result()
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
+        loop.stop()
+        loop.thread.join()
 
     def __enter__(self) -> SyncBatcher[InT, OutT]:
         with self._lock:
@@ -206,29 +247,42 @@ class SyncBatcher(Generic[InT, OutT]):
                 self._start_locked()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, *exc_info: object) -> Literal[False]:
         self.close()
+        return False
 
     # -- introspection ------------------------------------------------------------
 
     def stats(self) -> BatcherStats:
-        """A snapshot of the counters (see ``BatcherStats``), taken on the batcher's thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None or threading.current_thread() is thread:
-            return self._batcher.stats()
-        future: concurrent.futures.Future[BatcherStats] = concurrent.futures.Future()
+        """A snapshot of the counters (see ``BatcherStats``); safe from any thread."""
+        return self._batcher.stats()
 
-        def snapshot() -> None:
-            if future.set_running_or_notify_cancel():
-                future.set_result(self._batcher.stats())
 
-        try:
-            loop.call_soon_threadsafe(snapshot)
-        except RuntimeError:  # the loop is closed: the counters no longer move
-            return self._batcher.stats()
-        while True:
-            try:
-                return future.result(timeout=0.05)
-            except concurrent.futures.TimeoutError:
-                if not thread.is_alive():  # stopped before it ran the snapshot
-                    return self._batcher.stats()
+async def _wait(future: concurrent.futures.Future[T]) -> T:
+    """Await a ``concurrent.futures.Future`` on asyncio or trio without a thread."""
+    if sniffio.current_async_library() == "asyncio":
+        return await asyncio.wrap_future(future)
+    import outcome
+    import trio
+
+    lowlevel = trio.lowlevel
+    token = lowlevel.current_trio_token()
+    task = lowlevel.current_task()
+    aborted = False
+
+    def wake() -> None:
+        if not aborted:
+            lowlevel.reschedule(task, outcome.capture(future.result))
+
+    def done(_: concurrent.futures.Future[T]) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(wake)
+
+    def abort(_: object) -> Any:
+        nonlocal aborted
+        aborted = True
+        future.cancel()
+        return lowlevel.Abort.SUCCEEDED
+
+    future.add_done_callback(done)
+    return await lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]

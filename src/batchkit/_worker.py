@@ -34,6 +34,7 @@ from ._errors import BatcherClosedError, ModelTimeoutError
 from ._execute import Executor, Outcome
 from ._runner import Slot, ThreadRunner
 from ._scheduler import Batch, Scheduler, clock
+from ._threads import Inbox
 
 __all__ = ["Worker"]
 
@@ -53,6 +54,7 @@ class Worker:
         is_async: bool,
     ) -> None:
         self.backend = backend
+        self.inbox = Inbox(backend.call_soon_threadsafe)  # requests from other threads
         self.done = anyio.Event()
         self.retired = False
         self._scheduler = scheduler
