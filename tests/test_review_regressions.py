@@ -215,3 +215,166 @@ async def test_int_and_float_lists_are_batched_apart() -> None:
                 await batcher.predict([1, 2**70])  # no fixed-width integer type holds it
     assert results == {"ints": 6, "floats": 4.0, "more ints": 15}
     assert sorted(str(dtype) for dtype in seen) == ["float64", "int64"]
+
+
+# -- second review ---------------------------------------------------------------------------------
+
+
+def _batchkit_threads(prefix: str) -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+def test_a_batcher_dropped_while_its_loop_is_not_running_stops_its_threads() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        batcher: batchkit.Batcher[int, int] | None = batchkit.Batcher(
+            lambda xs: [x + 1 for x in xs], collate=None, max_wait_ms=1, name="dropped-idle"
+        )
+        assert batcher is not None
+        assert loop.run_until_complete(batcher.predict(1)) == 2
+        assert _batchkit_threads("batchkit-dropped-idle")
+        del batcher  # the loop is not running: nothing will ever run a callback on it
+        gc.collect()
+        deadline = time.monotonic() + 5
+        while _batchkit_threads("batchkit-dropped-idle") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _batchkit_threads("batchkit-dropped-idle")
+    finally:
+        logging.disable(logging.CRITICAL)  # "Task was destroyed but it is pending" for the idle worker
+        try:
+            loop.close()
+            gc.collect()
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+@pytest.mark.anyio
+async def test_after_an_out_of_memory_split_the_next_batch_is_formed_at_the_new_cap() -> None:
+    sizes: list[int] = []
+
+    def model(batch: list[float]) -> list[float]:
+        sizes.append(len(batch))
+        if len(batch) > 4:
+            raise MemoryError("too big")
+        return batch
+
+    async with batchkit.Batcher(model, collate=None, max_batch_size=16, max_wait_ms=0) as batcher:
+        with anyio.fail_after(10):
+            await batcher.predict(0.0)
+            sizes.clear()
+            results = await batcher.predict_many([float(i) for i in range(48)])
+        stats = batcher.stats()
+    assert results == [float(i) for i in range(48)]
+    assert [s for s in sizes if s > 4] == [16, 8, 8]  # one batch split once into fitting halves; none after
+    assert stats.oom_splits == 3
+    assert stats.batch_size_limit == 4
+
+
+@pytest.mark.anyio
+async def test_int_and_float_scalars_are_batched_apart() -> None:
+    seen: list[str] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        seen.append(str(batch.dtype))
+        return batch * 2
+
+    async with batchkit.Batcher(model, max_batch_size=4, max_wait_ms=20) as batcher:
+        with anyio.fail_after(10):
+            assert await batcher.predict_many([1, 2.5, 3]) == [2, 5.0, 6]
+            with pytest.raises(batchkit.InvalidInputError):
+                await batcher.predict(2**70)
+    assert sorted(seen) == ["float64", "int64"]
+
+
+@pytest.mark.anyio
+async def test_an_instance_whose_method_was_used_can_be_deep_copied_and_pickled() -> None:
+    import pickle
+
+    original = Scaled(10)
+    with anyio.fail_after(10):
+        assert await original.predict(1) == 10
+        twin = copy.deepcopy(original)
+        twin.scale = 7
+        assert await twin.predict(1) == 7
+        thawed = pickle.loads(pickle.dumps(original))
+        thawed.scale = 3
+        assert await thawed.predict(1) == 3
+        assert await original.predict(1) == 10
+    with pytest.raises(TypeError, match="running Batcher"):
+        pickle.dumps(original.predict)
+
+
+@pytest.mark.anyio
+async def test_an_inner_async_with_does_not_close_the_batcher_under_the_outer_block() -> None:
+    batcher = batchkit.Batcher(lambda xs: [x * 2 for x in xs], collate=None, max_wait_ms=1)
+    with anyio.fail_after(10):
+        async with batcher:
+            async with batcher:
+                assert await batcher.predict(1) == 2
+            assert await batcher.predict(2) == 4  # still open: the outer block owns it
+    assert batcher.closed
+
+
+@pytest.mark.anyio
+async def test_a_second_task_leaving_its_async_with_does_not_close_the_batcher_for_the_first() -> None:
+    batcher = batchkit.Batcher(lambda xs: [x * 2 for x in xs], collate=None, max_wait_ms=1)
+    second_left = anyio.Event()
+    got: list[int] = []
+
+    async def second() -> None:
+        async with batcher:
+            got.append(await batcher.predict(1))
+        second_left.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg, batcher:
+            tg.start_soon(second)
+            await second_left.wait()
+            got.append(await batcher.predict(2))  # the first block is still inside
+    assert got == [2, 4]
+    assert batcher.closed
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("empty", [[], {"ids": []}, ()])
+async def test_an_input_with_nothing_to_stack_is_invalid(empty: Any) -> None:
+    async with batchkit.Batcher(lambda b: b, max_wait_ms=1) as batcher:
+        with anyio.fail_after(10), pytest.raises(batchkit.InvalidInputError, match="empty"):
+            await batcher.predict(empty)
+        check_settled(batcher.stats())
+
+
+@pytest.mark.anyio
+async def test_numpy_numbers_are_accepted_as_cost_and_priority() -> None:
+    async with batchkit.Batcher(
+        lambda b: b, collate=None, batch_cost=lambda x: np.int64(len(x)), max_batch_cost=10, max_wait_ms=1
+    ) as batcher:
+        with anyio.fail_after(10):
+            assert await batcher.predict("abc", priority=np.int64(2)) == "abc"
+            assert await batcher.predict("de", priority=np.float32(0.5)) == "de"
+
+
+@pytest.mark.anyio
+async def test_deadlines_shorter_than_the_wait_are_met() -> None:
+    """The flush leaves a margin for a late timer and the thread hop (the loop's timers are coarse)."""
+
+    async def model(batch: list[int]) -> list[int]:
+        return batch
+
+    async with batchkit.Batcher(model, collate=None, max_batch_size=4, max_wait_ms=1000) as batcher:
+        with anyio.fail_after(30):
+            for i in range(50):
+                assert await batcher.predict(i, timeout_ms=20) == i
+        assert batcher.stats().timed_out == 0
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_generator_function_is_refused_until_streaming_is_supported(kind: str) -> None:
+    def sync_gen(batch: list[Any]) -> Any:
+        yield batch
+
+    async def async_gen(batch: list[Any]) -> Any:
+        yield batch
+
+    with pytest.raises(TypeError, match="generator"):
+        batchkit.Batcher(sync_gen if kind == "sync" else async_gen, collate=None)
