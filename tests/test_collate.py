@@ -63,9 +63,9 @@ async def test_python_numbers_become_a_1d_array() -> None:
         return batch * 2
 
     async with batchkit.Batcher(fn, max_batch_size=16, max_wait_ms=20) as batcher:
-        results = await gather(batcher, [1.5, 2, 3.25])
-    assert seen == [(1, "f")]
-    assert results == [3.0, 4.0, 6.5]
+        results = await gather(batcher, [1.5, 2, 3.25, 4])
+    assert sorted(seen) == [(1, "f"), (1, "i")]  # floats with floats, ints with ints
+    assert results == [3.0, 4, 6.5, 8]
 
 
 async def test_inputs_of_different_shapes_are_batched_separately_not_rejected() -> None:
@@ -88,7 +88,9 @@ def test_auto_key_separates_shape_dtype_and_kind() -> None:
     assert auto.key(np.zeros(3)) != auto.key(np.zeros(4))
     assert auto.key(np.zeros(3)) != auto.key(np.zeros(3, dtype=np.float32))
     assert auto.key(torch.zeros(3)) != auto.key(np.zeros(3, dtype=np.float32))
-    assert auto.key(1) == auto.key(2.5) == auto.key(np.float32(1))
+    assert auto.key(1) == auto.key(2)
+    assert auto.key(1.5) == auto.key(2.5)
+    assert len({auto.key(1), auto.key(2.5), auto.key(np.float32(1)), auto.key(2**70)}) == 4
     for bad in ["s", None, [1, "x"], {"a": None}, object(), 1j]:
         with pytest.raises(TypeError, match="auto-collate cannot batch"):
             auto.key(bad)

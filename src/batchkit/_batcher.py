@@ -15,6 +15,7 @@ predict(x) ─▶ Scheduler.submit ─▶ RequestQueue ─▶ Scheduler.take ─
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import inspect
 import logging
@@ -59,6 +60,13 @@ def _is_async_callable(fn: Callable[..., Any]) -> bool:
         return True
     call = getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
     return call is not None and inspect.iscoroutinefunction(call)
+
+
+def _is_generator_callable(fn: Callable[..., Any]) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    call = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)  # noqa: B004
+    return inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call)
 
 
 def _weak_method(function: Callable[..., Any], instance: object, is_async: bool) -> Callable[[Any], Any]:
@@ -170,6 +178,11 @@ class Batcher(Generic[InT, OutT]):
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__qualname__}")
+        if _is_generator_callable(fn):
+            raise TypeError(
+                f"fn {getattr(fn, '__qualname__', fn)!r} is a generator function; a Batcher's fn returns one batch "
+                "of outputs (streaming from generator functions is not supported)"
+            )
         if isinstance(fn, Replicas):
             replicas = len(fn.fns)
         self._is_async = _is_async_callable(fn.fns[0] if isinstance(fn, Replicas) else fn)
@@ -540,7 +553,8 @@ class Batcher(Generic[InT, OutT]):
                 task_group = self._entries.pop(index)[1]
                 break
         try:
-            await self.aclose()
+            if not self._entries:  # the last block out closes the batcher
+                await self.aclose()
         finally:
             if task_group is not None:
                 # The body's own exception is not the task group's: it propagates as it is,
@@ -584,20 +598,33 @@ class Batcher(Generic[InT, OutT]):
         """
         return self._scheduler.stats()
 
+    # -- copies and pickles ----------------------------------------------------------
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """An instance's batcher is not copied with its instance (the copy makes its own); a batcher
+        that has not started is rebuilt from its function and options; a running one refuses."""
+        if self._instance is not None:
+            return (_vacant, ())
+        if self._worker is not None:
+            raise TypeError(
+                f"a running Batcher ({self._name!r}) cannot be pickled or copied: it is bound to an event loop"
+            )
+        return (_rebuild, (self._fn, {**self._options, "name": self._name}))
+
     # -- use as a method decorator ------------------------------------------------
 
     def __get__(self, instance: object, owner: type | None = None) -> Batcher[InT, OutT]:
         if instance is None:
             return self
         try:
-            bound: Batcher[InT, OutT] = instance.__dict__[self._instance_key]
+            bound: Batcher[InT, OutT] | None = instance.__dict__[self._instance_key]
         except KeyError:
             return self._for_instance(instance)
         except AttributeError:
             raise TypeError(
                 f"{type(instance).__qualname__} has no __dict__ to keep its batcher in; remove __slots__"
             ) from None
-        if bound._instance is not instance:  # a copy of another instance's __dict__
+        if bound is None or bound._instance is not instance:  # a copy or an unpickled instance
             return self._for_instance(instance)
         return bound
 
@@ -627,12 +654,29 @@ async def _run_worker(batcher: weakref.ref[Batcher[Any, Any]], worker: Worker) -
 
 
 def _release_worker(scheduler: Scheduler, worker: Worker) -> None:
-    """Stop the worker of a batcher that was collected without aclose(); from any thread."""
+    """Stop the worker of a batcher that was collected without aclose(); from any thread.
+
+    No caller can be waiting (each would hold the batcher). On a running loop the
+    worker is woken to stop by itself; on a loop that is not running (stopped,
+    closed, or a trio run that ended) nothing would ever run a callback, so its
+    threads are stopped here.
+    """
     scheduler.closing = True
     if worker.retired:
         return
-    try:
-        worker.backend.call_soon_threadsafe(scheduler.wake)  # it drains, then stops its threads
-    except RuntimeError:  # the loop is gone
-        scheduler.detach()
-        worker.abandon(BatcherClosedError(f"batcher {scheduler.name!r} was dropped"))
+    backend = worker.backend
+    if backend.alive():
+        with contextlib.suppress(RuntimeError):
+            backend.call_soon_threadsafe(scheduler.wake)  # it drains, then stops its threads
+            return
+    scheduler.detach()
+    worker.abandon(BatcherClosedError(f"batcher {scheduler.name!r} was dropped"))
+
+
+def _vacant() -> None:
+    """What a copied or unpickled instance finds where its original kept its batcher."""
+    return None
+
+
+def _rebuild(fn: Callable[[Any], Any], options: dict[str, Any]) -> Batcher[Any, Any]:
+    return Batcher(fn, **options)

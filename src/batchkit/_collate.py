@@ -94,7 +94,8 @@ def _torch() -> Any:
 
 
 _NUMBER_TYPES = (int, float, bool, np.integer, np.floating, np.bool_)
-_NUMBER_KEY = ("number",)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_BIG_INT_KEY = ("number", "object")
 
 
 def _leaf_key(item: Any) -> Hashable | None:
@@ -102,7 +103,9 @@ def _leaf_key(item: Any) -> Hashable | None:
     if isinstance(item, np.ndarray):
         return ("numpy", item.shape, item.dtype)
     if isinstance(item, _NUMBER_TYPES):
-        return _NUMBER_KEY
+        if type(item) is int and not _INT64_MIN <= item <= _INT64_MAX:
+            return _BIG_INT_KEY  # batched apart, as an object array: never turns its batch-mates into objects
+        return ("number", type(item))  # ints with ints, floats with floats: a batch has one dtype
     torch = _torch()
     if torch is not None and isinstance(item, torch.Tensor):
         return ("torch", tuple(item.shape), item.dtype, item.device, item.layout)
@@ -117,13 +120,10 @@ def _is_dataclass_instance(item: Any) -> bool:
     return dataclasses.is_dataclass(item) and not isinstance(item, type)
 
 
-def _numbers_key(item: list[Any], path: str) -> Hashable:
-    """A flat list of numbers (a JSON payload) is keyed as the 1-D array it becomes."""
-    dtype = np.asarray(item).dtype
-    if dtype.kind == "O":
-        where = f" at {path}" if path != "input" else ""
-        raise InvalidInputError(f"a list of numbers{where} holds an integer too large for any array type")
-    return ("numbers", len(item), dtype)
+def _numbers_key(item: list[Any]) -> Hashable:
+    """A flat list of numbers (a JSON payload) is keyed as the 1-D array it becomes (object
+    dtype for integers beyond int64: batched apart from the others)."""
+    return ("numbers", len(item), np.asarray(item).dtype)
 
 
 def _tree_key(item: Any, path: str) -> Hashable:
@@ -132,7 +132,10 @@ def _tree_key(item: Any, path: str) -> Hashable:
         return leaf
     kind = type(item)
     if kind is list and item and all(isinstance(v, _NUMBER_TYPES) for v in item):
-        return _numbers_key(item, path)
+        return _numbers_key(item)
+    if kind in (list, tuple, dict) and not item:
+        where = f" at {path}" if path != "input" else ""
+        raise InvalidInputError(f"an empty {kind.__qualname__}{where} has nothing to batch")
     if kind is dict:
         return ("dict", tuple((k, _tree_key(v, f"{path}[{k!r}]")) for k, v in item.items()))
     if _is_namedtuple(item):
@@ -244,7 +247,10 @@ class AutoCollate:
     Inputs are keyed by structure and by each leaf's shape and dtype (and device,
     for tensors), so only inputs that can be stacked share a batch. Numbers
     become 1-D numpy arrays, and flat lists of numbers (JSON payloads) rows of a
-    2-D array. The output is split along its first axis: an array
+    2-D array; both are keyed by the dtype they become (ints apart from floats,
+    integers beyond int64 in object arrays of their own), so one caller's input
+    never changes the dtype its batch-mates' model sees. An empty list, tuple
+    or dict has nothing to stack and is refused. The output is split along its first axis: an array
     or tensor row by row (views; ``tensor.unbind(0)``), a dict, tuple, namedtuple
     or dataclass of batched arrays/tensors leaf by leaf (rebuilding the container
     for each request). A *list* output is taken as the per-request results

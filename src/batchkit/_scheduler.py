@@ -23,11 +23,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import anyio
+import numpy as np
 
 from ._backend import Backend
 from ._errors import BatcherClosedError, InvalidInputError, QueueFullError, RequestTimeoutError
@@ -46,7 +48,7 @@ clock = time.perf_counter
 """batchkit's clock for arrival times, deadlines and latencies (sub-microsecond, monotonic)."""
 
 _NO_GROUP = object()  # a collate key may be None
-_FLUSH_MARGIN = 0.002  # the least time a batch is flushed ahead of what its earliest deadline needs
+_FLUSH_MARGIN = 0.005  # the least time a batch is flushed ahead of what its earliest deadline needs
 
 
 class Batch:
@@ -77,20 +79,29 @@ def _copies(error: BaseException, n: int) -> list[BaseException]:
     return errors
 
 
+def _real(value: object) -> float | None:
+    """``value`` as a float if it is a real number (numpy's included, bools not), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def _check_cost(cost: object) -> float:
-    if isinstance(cost, bool) or not isinstance(cost, (int, float)):
+    value = _real(cost)
+    if value is None:
         raise TypeError(f"batch_cost must return a number, got {type(cost).__qualname__}")
-    if not math.isfinite(cost) or cost < 0:
+    if not math.isfinite(value) or value < 0:
         raise ValueError(f"batch_cost must return a finite number >= 0, got {cost}")
-    return float(cost)
+    return value
 
 
 def _check_priority(priority: object) -> float:
-    if isinstance(priority, bool) or not isinstance(priority, (int, float)):
+    value = _real(priority)
+    if value is None:
         raise TypeError(f"priority must be a number, got {type(priority).__qualname__}")
-    if not math.isfinite(priority):
+    if not math.isfinite(value):
         raise ValueError(f"priority must be finite, got {priority}")
-    return float(priority)
+    return value
 
 
 class Scheduler:
@@ -305,7 +316,8 @@ class Scheduler:
                 deadline = group.earliest_deadline()
                 if deadline < due:
                     # Flush early enough for the earliest deadline to be met, with a margin for
-                    # the run's spread and the loop's latency (a tenth of the wait, at least 2 ms).
+                    # the run's spread and the loop's latency (timers fire a millisecond or two
+                    # late): a tenth of the wait, at least 5 ms.
                     margin = max(_FLUSH_MARGIN, 0.1 * (deadline - head.enqueued_at))
                     due = min(due, deadline - 1.25 * self.cost_model.expected(group.live) - margin)
             if due <= now:
@@ -378,6 +390,11 @@ class Scheduler:
 
     def finish(self, batch: Batch, outcome: Outcome) -> None:
         """A batch ran: learn from it, then answer each of its callers still waiting."""
+        self.learn(batch, outcome)
+        self.answer(batch, outcome)
+
+    def learn(self, batch: Batch, outcome: Outcome) -> None:
+        """Take in what a finished batch tells about the model (run time, memory) before the next forms."""
         self._running.discard(batch)
         counters = self.counters
         counters.run_time.add(outcome.seconds)
@@ -391,6 +408,10 @@ class Scheduler:
                 logger.info("batcher %r: no out-of-memory error lately; batch cap now %d", self.name, self.limit)
         if outcome.fit is None and outcome.error is None:
             self.cost_model.observe(size, outcome.seconds)
+
+    def answer(self, batch: Batch, outcome: Outcome) -> None:
+        """Answer each caller of a finished batch that still waits."""
+        counters = self.counters
         if outcome.outputs is None:
             assert outcome.error is not None
             self.fail_batch(batch, outcome.error)

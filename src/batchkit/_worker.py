@@ -129,7 +129,7 @@ class Worker:
             self._finish(slot, batch, outcome)
 
     def _finish(self, slot: Slot, batch: Batch, outcome: Outcome) -> None:
-        """On the loop: a run is done. Start the next batch first, then answer this one's callers.
+        """On the loop: a run is done. Learn from it, start the next batch, then answer its callers.
 
         In that order the model is never idle while the loop wakes a whole batch
         of callers (at saturation that gap was about a tenth of the model's time).
@@ -137,9 +137,11 @@ class Worker:
         if slot.batch is not batch:
             return  # a run given up on: its callers were answered then
         self._release(slot)
+        scheduler = self._scheduler
+        scheduler.learn(batch, outcome)  # a new memory cap applies to the very next batch
         if not self.retired:
             self._dispatch(clock())
-        self._scheduler.finish(batch, outcome)
+        scheduler.answer(batch, outcome)
 
     def _release(self, slot: Slot) -> None:
         slot.batch = slot.deadline = None
