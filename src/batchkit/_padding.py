@@ -17,7 +17,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from ._collate import mismatch_error, not_a_batch_error
+from ._collate import _rows, mismatch_error, not_a_batch_error
 from ._errors import InvalidInputError
 
 __all__ = ["PadSequences", "PaddedBatch", "pad_sequences"]
@@ -100,8 +100,15 @@ class PadSequences:
                 f"positions, expected the padded length {width}"
             )
         if self.strip is False or not keeps_time_axis:
-            return list(output)
-        return [output[i, : int(length)] for i, length in enumerate(batch.lengths)]
+            rows = _rows(output, n)
+            return list(output) if rows is None else rows
+        # Each result is a copy: a kept result must not keep the whole padded output alive.
+        lengths = batch.lengths.tolist()  # one read of the lengths, not one per row (a sync each on CUDA)
+        if isinstance(output, np.ndarray):
+            return [output[i, :length].copy() for i, length in enumerate(lengths)]
+        if hasattr(output, "clone"):
+            return [output[i, :length].clone() for i, length in enumerate(lengths)]
+        return [output[i, :length] for i, length in enumerate(lengths)]
 
 
 def pad_sequences(
