@@ -74,7 +74,44 @@ async def test_numpy_float64_inputs_are_cast_to_the_module_dtype() -> None:
     async with batchkit.Batcher.from_module(probe, max_wait_ms=20) as batcher:
         result = await batcher.predict(np.ones(4, dtype=np.float64))
     assert probe.calls[0]["dtype"] == torch.float32
-    assert result.dtype == torch.float32
+    assert isinstance(result, np.ndarray)  # numpy in, numpy out
+    assert result.dtype == np.float32
+
+
+async def test_module_results_are_ordinary_tensors_that_own_their_memory() -> None:
+    async with batchkit.Batcher.from_module(mlp(), max_wait_ms=20) as batcher:
+        results = await gather(batcher, [torch.randn(8) for _ in range(6)])
+    for r in results:
+        assert isinstance(r, torch.Tensor)
+        assert not r.is_inference()
+        assert not r.is_pinned()
+        assert r.untyped_storage().nbytes() == 4 * r.element_size()  # its own row, not the batch
+        r.add_(1)  # in place: raises on an inference tensor
+        assert (r.requires_grad_() * 2).sum().grad_fn is not None  # usable in autograd
+
+
+async def test_numpy_in_numpy_out_and_tensor_in_tensor_out() -> None:
+    class TwoOutputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = mlp()
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.inner(x), x.sum(dim=1).to(torch.bfloat16)
+
+    async with batchkit.Batcher.from_module(TwoOutputs(), max_wait_ms=20) as batcher:
+        from_array, from_list, from_tensor = await gather(
+            batcher, [np.ones(8, dtype=np.float64), [1.0] * 8, torch.ones(8)]
+        )
+    for logits, total in (from_array, from_list):
+        assert isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.shape == (4,)
+        assert logits.flags.owndata
+        assert isinstance(total, np.ndarray) and total.dtype == np.float32  # numpy has no bfloat16
+        assert float(total) == 8.0
+    logits, total = from_tensor
+    assert isinstance(logits, torch.Tensor) and isinstance(total, torch.Tensor)
+    assert total.dtype == torch.bfloat16
+    np.testing.assert_allclose(from_array[0], logits.numpy(), rtol=1e-6)
 
 
 async def test_dict_inputs_become_keyword_arguments_and_dict_outputs_are_split() -> None:
