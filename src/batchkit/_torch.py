@@ -36,6 +36,30 @@ __all__ = ["ModuleFn", "module_replicas"]
 DeviceLike = str | torch.device
 
 
+def _leaves(tree: Any) -> list[Any]:
+    """The leaves of a pytree, in order."""
+    found: list[Any] = []
+    _map(lambda leaf: found.append(leaf), tree)
+    return found
+
+
+def _numpy_batch(batch: Any) -> bool:
+    """True when the batch came as numpy (arrays, numbers), with no tensor in it: its outputs go back as numpy."""
+    leaves = _leaves(batch)
+    return any(isinstance(leaf, np.ndarray) for leaf in leaves) and not any(
+        isinstance(leaf, torch.Tensor) for leaf in leaves
+    )
+
+
+def _to_numpy(leaf: Any) -> Any:
+    """A CPU tensor as a numpy array (sharing its memory; split copies the rows); bfloat16 as float32."""
+    if not isinstance(leaf, torch.Tensor) or leaf.device.type != "cpu":
+        return leaf
+    if leaf.dtype == torch.bfloat16:
+        leaf = leaf.float()
+    return leaf.numpy()
+
+
 def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
     """Apply ``fn`` to each leaf of a pytree, rebuilding its containers."""
     if isinstance(tree, dict):
@@ -92,6 +116,8 @@ class ModuleFn:
             output = self.module(inputs)
         if self.outputs_on == "cpu":
             output = _map(self._to_host, output)
+            if _numpy_batch(batch):
+                output = _map(_to_numpy, output)
         return output
 
     def __call__(self, batch: Any) -> Any:
