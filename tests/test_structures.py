@@ -234,3 +234,11 @@ def test_views_are_an_opt_in() -> None:
     tensor = torch.arange(12.0).reshape(4, 3)
     assert all(r.data_ptr() != tensor[i].data_ptr() for i, r in enumerate(AutoCollate().split(tensor, 4, None)))
     assert all(r.data_ptr() == tensor[i].data_ptr() for i, r in enumerate(AutoCollate(views=True).split(tensor, 4, None)))
+
+
+def test_pad_sequences_builds_the_batch_on_the_inputs_device() -> None:
+    # the meta device stands in for an accelerator here; see test_torch.py for CUDA
+    items = [torch.ones(n, 2, device="meta") for n in (3, 5)]
+    batch = batchkit.pad_sequences(multiple_of=4).collate(items)
+    assert batch.values.shape == (2, 8, 2)
+    assert {batch.values.device.type, batch.lengths.device.type, batch.mask.device.type} == {"meta"}

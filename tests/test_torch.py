@@ -308,3 +308,24 @@ async def test_cuda_out_of_memory_halves_the_batch() -> None:
     assert [r[0].item() for r in results] == [2.0 * i for i in range(16)]
     assert stats.oom_splits >= 2
     assert stats.batch_size_limit == 4
+
+
+@cuda
+@pytest.mark.cuda
+async def test_cuda_padding_is_built_on_the_device() -> None:
+    seen: list[tuple[str, str, str]] = []
+
+    class Tagger(nn.Module):
+        def forward(self, batch: batchkit.PaddedBatch) -> torch.Tensor:
+            seen.append((batch.values.device.type, batch.lengths.device.type, batch.mask.device.type))
+            return batch.values * batch.mask
+
+    sentences = [torch.arange(1.0, n + 1, device="cuda") for n in (3, 7, 1, 12)]
+    async with batchkit.Batcher.from_module(
+        Tagger(), device="cuda", max_wait_ms=30, collate=batchkit.pad_sequences(multiple_of=8)
+    ) as batcher:
+        results = await gather(batcher, sentences)
+    assert seen and all(s == ("cuda", "cuda", "cuda") for s in seen)
+    for s, r in zip(sentences, results, strict=True):
+        assert r.device.type == "cpu"
+        assert torch.equal(r, s.cpu())
