@@ -27,7 +27,7 @@ class PaddedBatch(NamedTuple):
     """What a model served with ``pad_sequences()`` receives.
 
     All three are numpy arrays when the inputs were arrays, torch tensors when
-    they were tensors.
+    they were tensors (on the inputs' device).
     """
 
     values: Any
@@ -77,11 +77,12 @@ class PadSequences:
             mask = np.arange(width)[None, :] < lengths_array[:, None]
             return PaddedBatch(values, lengths_array, mask)
         torch = sys.modules["torch"]
-        values = torch.full((len(items), width, *first.shape[1:]), self.pad_value, dtype=first.dtype)
+        device = first.device  # built where the inputs are: no round trip through the host for CUDA inputs
+        values = torch.full((len(items), width, *first.shape[1:]), self.pad_value, dtype=first.dtype, device=device)
         for row, item in zip(values, items, strict=True):
             row[: len(item)] = item
-        lengths_tensor = torch.tensor(lengths, dtype=torch.int64)
-        mask = torch.arange(width)[None, :] < lengths_tensor[:, None]
+        lengths_tensor = torch.tensor(lengths, dtype=torch.int64, device=device)
+        mask = torch.arange(width, device=device)[None, :] < lengths_tensor[:, None]
         return PaddedBatch(values, lengths_tensor, mask)
 
     def split(self, output: Any, n: int, batch: PaddedBatch) -> Sequence[Any]:
