@@ -273,6 +273,44 @@ async def test_bad_input_to_a_module_fails_for_its_caller_only() -> None:
     assert outcomes[0].shape == outcomes[2].shape == (4,)
 
 
+def test_only_cuda_tensors_are_recorded_on_the_consumer_stream() -> None:
+    """outputs_on="device": a model may return CPU tensors too (a length, a count); record_stream raises on them."""
+    from batchkit._torch import _record_stream
+
+    recorded: list[Any] = []
+
+    class FakeCudaTensor(torch.Tensor):
+        @property
+        def is_cuda(self) -> bool:  # type: ignore[override]
+            return True
+
+        def record_stream(self, stream: Any) -> None:
+            recorded.append(stream)
+
+    on_device = torch.zeros(2).as_subclass(FakeCudaTensor)
+    output = {"logits": on_device, "lengths": torch.tensor([3, 1]), "tag": "x"}
+    _record_stream(output, "consumer")  # a real CPU tensor's record_stream raises NotImplementedError
+    assert recorded == ["consumer"]
+
+
+@cuda
+@pytest.mark.cuda
+async def test_cuda_a_model_returning_a_cpu_tensor_with_outputs_on_device() -> None:
+    class WithLengths(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"y": x * 2, "count": (x > 0).sum(dim=1).cpu()}  # one output left on the host
+
+    inputs = [torch.full((3,), float(i)) for i in range(8)]
+    async with batchkit.Batcher.from_module(
+        WithLengths(), device="cuda", outputs_on="device", max_wait_ms=20
+    ) as batcher:
+        results = await gather(batcher, inputs)
+    for i, r in enumerate(results):
+        assert r["y"].device.type == "cuda" and r["count"].device.type == "cpu"
+        assert torch.equal(r["y"].cpu(), torch.full((3,), 2.0 * i))
+        assert r["count"].item() == (3 if i else 0)
+
+
 @cuda
 @pytest.mark.cuda
 async def test_cuda_streams_pinned_staging_and_results_on_the_host() -> None:
