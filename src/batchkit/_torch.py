@@ -75,6 +75,20 @@ def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
     return fn(tree)
 
 
+def _record_stream(output: Any, consumer: Any) -> None:
+    """Tell the caching allocator that ``consumer`` uses the CUDA tensors of ``output``.
+
+    Only CUDA tensors: a model may return a CPU tensor too (a length, a count),
+    and ``record_stream`` raises on one.
+    """
+
+    def record(leaf: Any) -> None:
+        if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
+            leaf.record_stream(consumer)
+
+    _map(record, output)
+
+
 class ModuleFn:
     """One slot's batch function: moves a batch to the device, runs the module, brings results back."""
 
@@ -128,8 +142,7 @@ class ModuleFn:
                 output = self._call(batch)
             self.stream.synchronize()  # inputs copied, compute and copies back done
             if self.outputs_on == "device":
-                consumer = torch.cuda.default_stream(self.device)
-                _map(lambda t: t.record_stream(consumer) if isinstance(t, torch.Tensor) else t, output)
+                _record_stream(output, torch.cuda.default_stream(self.device))
             return output
 
 
