@@ -178,8 +178,10 @@ async def test_numpy_results_own_their_memory_and_release_the_batch() -> None:
     async with batchkit.Batcher(model, max_wait_ms=20) as batcher:
         results = await gather(batcher, [float(i) for i in range(8)])
     for i, r in enumerate(results):
-        assert r.flags.owndata and r.base is None
-        assert r.shape == (1000,) and (r == i).all()
+        assert r.flags.owndata
+        assert r.base is None
+        assert r.shape == (1000,)
+        assert (r == i).all()
     assert _batch_free(outputs), "a caller's row keeps the whole batch's output alive"
 
 
@@ -233,7 +235,9 @@ def test_views_are_an_opt_in() -> None:
     assert all(np.shares_memory(r, output) for r in AutoCollate(views=True).split(output, 4, None))
     tensor = torch.arange(12.0).reshape(4, 3)
     assert all(r.data_ptr() != tensor[i].data_ptr() for i, r in enumerate(AutoCollate().split(tensor, 4, None)))
-    assert all(r.data_ptr() == tensor[i].data_ptr() for i, r in enumerate(AutoCollate(views=True).split(tensor, 4, None)))
+    assert all(
+        r.data_ptr() == tensor[i].data_ptr() for i, r in enumerate(AutoCollate(views=True).split(tensor, 4, None))
+    )
 
 
 def test_pad_sequences_builds_the_batch_on_the_inputs_device() -> None:

@@ -184,8 +184,8 @@ def _rows(output: Any, n: int, views: bool = False) -> Sequence[Any] | None:
             raise not_a_batch_error(output, n)
         if output.shape[0] != n:
             raise mismatch_error(output.shape[0], n)
-        if views:
-            return list(output)
+        if views or output.ndim == 1:
+            return list(output)  # the rows of a 1-D array are scalars (or, for dtype=object, the objects)
         return [row.copy() for row in output]
     torch = _torch()
     if torch is not None and isinstance(output, torch.Tensor):
