@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import batchkit
+from batchkit._collate import AutoCollate
 from tests.test_batching import gather, gather_settled
 
 pytestmark = pytest.mark.anyio
@@ -104,12 +105,16 @@ async def test_numpy_in_numpy_out_and_tensor_in_tensor_out() -> None:
             batcher, [np.ones(8, dtype=np.float64), [1.0] * 8, torch.ones(8)]
         )
     for logits, total in (from_array, from_list):
-        assert isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.shape == (4,)
+        assert isinstance(logits, np.ndarray)
+        assert logits.dtype == np.float32
+        assert logits.shape == (4,)
         assert logits.flags.owndata
-        assert isinstance(total, np.generic) and total.dtype == np.float32  # a numpy scalar; numpy has no bfloat16
+        assert isinstance(total, np.generic)
+        assert total.dtype == np.float32
         assert float(total) == 8.0
     logits, total = from_tensor
-    assert isinstance(logits, torch.Tensor) and isinstance(total, torch.Tensor)
+    assert isinstance(logits, torch.Tensor)
+    assert isinstance(total, torch.Tensor)
     assert total.dtype == torch.bfloat16
     np.testing.assert_allclose(from_array[0], logits.numpy(), rtol=1e-6)
 
@@ -306,7 +311,8 @@ async def test_cuda_a_model_returning_a_cpu_tensor_with_outputs_on_device() -> N
     ) as batcher:
         results = await gather(batcher, inputs)
     for i, r in enumerate(results):
-        assert r["y"].device.type == "cuda" and r["count"].device.type == "cpu"
+        assert r["y"].device.type == "cuda"
+        assert r["count"].device.type == "cpu"
         assert torch.equal(r["y"].cpu(), torch.full((3,), 2.0 * i))
         assert r["count"].item() == (3 if i else 0)
 
@@ -363,7 +369,109 @@ async def test_cuda_padding_is_built_on_the_device() -> None:
         Tagger(), device="cuda", max_wait_ms=30, collate=batchkit.pad_sequences(multiple_of=8)
     ) as batcher:
         results = await gather(batcher, sentences)
-    assert seen and all(s == ("cuda", "cuda", "cuda") for s in seen)
+    assert seen
+    assert all(s == ("cuda", "cuda", "cuda") for s in seen)
     for s, r in zip(sentences, results, strict=True):
         assert r.device.type == "cpu"
         assert torch.equal(r, s.cpu())
+
+
+class _SlowCollate(AutoCollate):
+    """Stacks the batch behind ~0.1 s of GPU work queued on the worker thread's current stream."""
+
+    def collate(self, items: list[Any]) -> Any:
+        torch.cuda._sleep(200_000_000)  # type: ignore[no-untyped-call]
+        return super().collate(items)
+
+
+@cuda
+@pytest.mark.cuda
+async def test_cuda_the_model_waits_for_the_batch_collate_built() -> None:
+    """collate stacks CUDA inputs on the thread's stream; the model runs on its own and must wait for it."""
+
+    class Reader(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2  # reads the whole batch at once
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1 << 20, generator=generator).cuda() for _ in range(32)]  # 4 MiB each
+    torch.cuda.synchronize()
+    async with batchkit.Batcher.from_module(
+        Reader(), device="cuda", collate=_SlowCollate(), max_batch_size=8, max_wait_ms=20
+    ) as batcher:
+        results = await gather(batcher, inputs)
+    for x, r in zip(inputs, results, strict=True):
+        assert torch.equal(r, x.cpu() * 2)
+
+
+@cuda
+@pytest.mark.cuda
+async def test_cuda_outputs_are_read_after_the_models_stream_finishes() -> None:
+    class Slow(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch.cuda._sleep(200_000_000)  # type: ignore[no-untyped-call]
+            return x + 1
+
+    for outputs_on in ("cpu", "device"):
+        inputs = [torch.randn(1 << 16) for _ in range(16)]
+        async with batchkit.Batcher.from_module(
+            Slow(), device="cuda", outputs_on=outputs_on, max_batch_size=8, max_wait_ms=20
+        ) as batcher:
+            results = await gather(batcher, inputs)
+        for x, r in zip(inputs, results, strict=True):
+            assert r.device.type == ("cpu" if outputs_on == "cpu" else "cuda")
+            assert torch.equal(r.cpu(), x + 1)
+
+
+@cuda
+@pytest.mark.cuda
+async def test_cuda_results_are_not_pinned_and_own_their_memory() -> None:
+    model = mlp()
+    for views in (False, True):
+        async with batchkit.Batcher.from_module(
+            model, device="cuda", collate=AutoCollate(views=views), max_wait_ms=20
+        ) as batcher:
+            results = await gather(batcher, [torch.randn(8) for _ in range(16)])
+            arrays = await gather(batcher, [np.random.rand(8) for _ in range(16)])
+        for r in results:
+            assert r.device.type == "cpu"
+            assert not r.is_pinned()  # pinned host memory is scarce: never handed to a caller
+            if not views:
+                assert not r.is_inference()
+                assert r.untyped_storage().nbytes() == 4 * r.element_size()
+        for a in arrays:
+            assert isinstance(a, np.ndarray)
+            assert a.dtype == np.float32
+            assert views or a.flags.owndata
+
+
+@cuda
+@pytest.mark.cuda
+async def test_cuda_out_of_memory_recovers_and_frees_what_it_took() -> None:
+    hungry = True
+
+    class SometimesHungry(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if hungry and len(x) > 4:
+                torch.empty(1 << 46, dtype=torch.uint8, device=x.device)  # 64 TiB: a real OOM
+            return x * 2
+
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    async with batchkit.Batcher.from_module(
+        SometimesHungry(), device="cuda", max_batch_size=8, max_wait_ms=5
+    ) as batcher:
+        first = await gather(batcher, [torch.full((2,), float(i)) for i in range(8)])
+        assert batcher.stats().batch_size_limit == 4
+        hungry = False  # memory is back: after 64 clean batches at the cap, the cap doubles
+        for _ in range(70):
+            await gather(batcher, [torch.full((2,), 1.0) for _ in range(4)])
+        later = await gather(batcher, [torch.full((2,), float(i)) for i in range(8)])
+        stats = batcher.stats()
+    assert [r[0].item() for r in first] == [2.0 * i for i in range(8)]
+    assert [r[0].item() for r in later] == [2.0 * i for i in range(8)]
+    assert stats.batch_size_limit == 8
+    assert 8 in stats.batch_sizes
+    del first, later
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == baseline  # nothing of the failed attempts is kept
