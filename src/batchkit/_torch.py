@@ -117,7 +117,10 @@ class ModuleFn:
 
     def _to_host(self, leaf: Any) -> Any:
         if isinstance(leaf, torch.Tensor) and leaf.device.type != "cpu":
-            return leaf.to("cpu", non_blocking=True)
+            # A blocking copy on the current stream (the model's): it lands in ordinary
+            # (pageable) host memory, never in a pinned buffer a caller would then hold,
+            # and returns once that stream's work up to the copy is done.
+            return leaf.to("cpu")
         return leaf
 
     def _call(self, batch: Any) -> Any:
@@ -130,20 +133,31 @@ class ModuleFn:
             output = self.module(inputs)
         if self.outputs_on == "cpu":
             output = _map(self._to_host, output)
-            if _numpy_batch(batch):
-                output = _map(_to_numpy, output)
         return output
 
     def __call__(self, batch: Any) -> Any:
+        numpy_out = self.outputs_on == "cpu" and _numpy_batch(batch)
         with torch.inference_mode():
-            if self.stream is None:
-                return self._call(batch)
-            with torch.cuda.stream(self.stream):
-                output = self._call(batch)
-            self.stream.synchronize()  # inputs copied, compute and copies back done
-            if self.outputs_on == "device":
-                _record_stream(output, torch.cuda.default_stream(self.device))
-            return output
+            output = self._call(batch) if self.stream is None else self._call_on_stream(batch)
+        if numpy_out:
+            output = _map(_to_numpy, output)
+        return output
+
+    def _call_on_stream(self, batch: Any) -> Any:
+        """One batch on this slot's CUDA stream, ordered against the thread's current stream both ways."""
+        stream = self.stream
+        # The thread's current stream: where collate just built the batch (a torch.stack
+        # of CUDA inputs, pad_sequences' padding), and where split will cut the outputs.
+        consumer = torch.cuda.current_stream(self.device)
+        stream.wait_stream(consumer)  # the model reads the batch only after it is written
+        with torch.cuda.stream(stream):
+            output = self._call(batch)  # copies in, forward, copies out: all on `stream`, in order
+        stream.synchronize()  # the host reads nothing before the stream's work is done
+        if self.outputs_on == "device":
+            # Allocated on `stream`, read next on `consumer` (split's clones, the callers):
+            # the allocator must not hand their blocks back to `stream` before those reads.
+            _record_stream(output, consumer)
+        return output
 
 
 def _placement(module: torch.nn.Module) -> tuple[set[torch.device], set[torch.dtype]]:
