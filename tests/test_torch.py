@@ -169,12 +169,12 @@ async def test_replicas_are_independent_copies_that_all_serve() -> None:
     assert len({c["thread"] for c in probe.calls}) == 1
 
 
-async def test_pipeline_depth_overlaps_two_batches_on_one_replica() -> None:
-    """Two workers share one module: the next batch starts while the previous one still runs."""
+async def test_pipeline_depth_runs_copies_never_one_module_on_two_threads() -> None:
+    """pipeline_depth=2 overlaps two batches on two copies of the module, each on a thread of its own."""
     lock = threading.Lock()
     overlapped = threading.Event()
     running = peak = 0
-    threads = set()
+    threads_of: dict[int, set[int]] = {}
 
     class Overlapping(nn.Module):
         def __init__(self) -> None:
@@ -184,7 +184,7 @@ async def test_pipeline_depth_overlaps_two_batches_on_one_replica() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             nonlocal running, peak
             with lock:
-                threads.add(threading.get_ident())
+                threads_of.setdefault(id(self), set()).add(threading.get_ident())
                 running += 1
                 peak = max(peak, running)
                 if running == 2:
@@ -195,16 +195,19 @@ async def test_pipeline_depth_overlaps_two_batches_on_one_replica() -> None:
             return x * self.scale
 
     model = Overlapping()
+    assert len(batchkit.Batcher.from_module(mlp()).fn.fns) == 1  # type: ignore[attr-defined]  # default: one slot
     batcher = batchkit.Batcher.from_module(model, pipeline_depth=2, max_batch_size=2, max_wait_ms=0)
     slot_fns = batcher.fn.fns  # type: ignore[attr-defined]
     assert len(slot_fns) == 2
-    assert {fn.module for fn in slot_fns} == {model}
+    assert slot_fns[0].module is model
+    assert slot_fns[1].module is not model  # a copy: its own state, hooks and activations
     async with batcher:
         with anyio.fail_after(30):
             results = await gather(batcher, [torch.full((1,), float(i)) for i in range(4)])
     assert [r.item() for r in results] == [0.0, 3.0, 6.0, 9.0]
     assert peak == 2
-    assert len(threads) == 2
+    assert len(threads_of) == 2
+    assert all(len(threads) == 1 for threads in threads_of.values())  # each module on one thread only
 
 
 async def test_allowed_batch_sizes_with_a_module() -> None:
@@ -326,9 +329,9 @@ async def test_cuda_streams_pinned_staging_and_results_on_the_host() -> None:
         expected = [model(x[None])[0] for x in inputs]
     batcher = batchkit.Batcher.from_module(model, max_batch_size=16, max_wait_ms=5)
     slot_fns = batcher.fn.fns  # type: ignore[attr-defined]
-    assert len(slot_fns) == 2  # pipeline_depth 2 on CUDA
-    assert all(fn.stream is not None for fn in slot_fns)  # type: ignore[attr-defined]
-    assert slot_fns[0].stream is not slot_fns[1].stream  # type: ignore[attr-defined]
+    assert len(slot_fns) == 1  # one slot per module copy, on CUDA too
+    assert slot_fns[0].stream is not None  # type: ignore[attr-defined]
+    assert slot_fns[0].stream != torch.cuda.default_stream()  # type: ignore[attr-defined]
     assert next(model.parameters()).is_cuda
     async with batcher:
         results = await gather(batcher, inputs)
