@@ -232,13 +232,17 @@ def module_replicas(
             raise ValueError("replicas must name at least one device")
     input_dtype = _resolve_dtype(module, dtype)
     if pipeline_depth is None:
-        pipeline_depth = 2 if placements[0].type == "cuda" else 1
-    if pipeline_depth < 1:
-        raise ValueError(f"pipeline_depth must be at least 1, got {pipeline_depth}")
+        pipeline_depth = 1
+    if isinstance(pipeline_depth, bool) or not isinstance(pipeline_depth, int) or pipeline_depth < 1:
+        raise ValueError(f"pipeline_depth must be a positive int, got {pipeline_depth!r}")
 
+    # One slot per module copy: pipeline_depth copies on each placement. A module
+    # object only ever runs on its own slot's thread (see "The torch runtime" in
+    # docs/design.md): two batches overlap only on two copies the user asked for.
+    slots = [place for place in placements for _ in range(pipeline_depth)]
     fns: list[Callable[[Any], Any]] = []
-    for index, place in enumerate(placements):
+    for index, place in enumerate(slots):
         copy_ = module if index == 0 else copy.deepcopy(module)
         copy_ = copy_.to(place).eval()
-        fns.extend(ModuleFn(copy_, place, input_dtype, outputs_on) for _ in range(pipeline_depth))
+        fns.append(ModuleFn(copy_, place, input_dtype, outputs_on))
     return Replicas(fns)
