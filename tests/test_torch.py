@@ -169,6 +169,57 @@ async def test_replicas_are_independent_copies_that_all_serve() -> None:
     assert len({c["thread"] for c in probe.calls}) == 1
 
 
+def test_replicas_copy_each_tensor_once_straight_to_its_device() -> None:
+    """A replica's tensors are copied from the source module, once each, by .to(device): never deep-copied in place."""
+    deep_copied: list[str] = []
+
+    class Watched(nn.Parameter):
+        def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+            deep_copied.append("parameter")  # a deepcopy copies on the device the tensor is on
+            return super().__deepcopy__(memo)
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5, 3)
+            self.embed.weight = Watched(self.embed.weight.detach().clone())
+            self.head = nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight  # tied weights stay tied in each copy
+            self.register_buffer("steps", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(x))
+
+    model = Tied()
+    batcher = batchkit.Batcher.from_module(model, replicas=2, pipeline_depth=2)
+    modules = [fn.module for fn in batcher.fn.fns]  # type: ignore[attr-defined]
+    assert modules[0] is model
+    assert len({id(m) for m in modules}) == 4
+    assert deep_copied == []
+    for copy_ in modules[1:]:
+        assert copy_.head.weight is copy_.embed.weight
+        assert copy_.embed.weight is not model.embed.weight
+        assert copy_.steps is not model.steps
+        assert torch.equal(copy_.embed.weight, model.embed.weight)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_a_replica_never_passes_through_the_first_device() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4096, 4096).cuda()  # 64 MiB of weights on cuda:0
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    batcher = batchkit.Batcher.from_module(model, replicas=["cuda:0", "cpu"])
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < size // 2  # no second copy on cuda:0, even briefly
+    copy_ = batcher.fn.fns[1].module  # type: ignore[attr-defined]
+    assert next(copy_.parameters()).device.type == "cpu"
+    assert torch.equal(copy_.weight, model.weight.cpu())
+
+
 async def test_pipeline_depth_runs_copies_never_one_module_on_two_threads() -> None:
     """pipeline_depth=2 overlaps two batches on two copies of the module, each on a thread of its own."""
     lock = threading.Lock()
