@@ -240,9 +240,29 @@ def module_replicas(
     # object only ever runs on its own slot's thread (see "The torch runtime" in
     # docs/design.md): two batches overlap only on two copies the user asked for.
     slots = [place for place in placements for _ in range(pipeline_depth)]
-    fns: list[Callable[[Any], Any]] = []
-    for index, place in enumerate(slots):
-        copy_ = module if index == 0 else copy.deepcopy(module)
-        copy_ = copy_.to(place).eval()
-        fns.append(ModuleFn(copy_, place, input_dtype, outputs_on))
-    return Replicas(fns)
+    # The copies first, from the module where it is now (the CPU, usually), each
+    # straight to its device; then the module itself moves to the first slot's.
+    copies = [_copy_to(module, place) for place in slots[1:]]
+    first = module.to(slots[0]).eval()
+    return Replicas(
+        [ModuleFn(m, place, input_dtype, outputs_on) for m, place in zip([first, *copies], slots, strict=True)]
+    )
+
+
+def _copy_to(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A copy of ``module`` whose parameters and buffers are copied once each, straight onto ``device``.
+
+    ``copy.deepcopy`` of a module copies each tensor where it is (a GPU module:
+    a second copy on that GPU, even if the copy is meant for another device).
+    Here each tensor is copied with one ``.to(device, copy=True)`` and handed to
+    deepcopy through its memo, so the structure (submodules, hooks, tied
+    weights, which stay tied) is copied, and no tensor is copied twice.
+    """
+    memo: dict[int, Any] = {}
+    for param in module.parameters():
+        memo[id(param)] = torch.nn.Parameter(
+            param.detach().to(device, copy=True), requires_grad=param.requires_grad
+        )
+    for buffer in module.buffers():
+        memo[id(buffer)] = buffer.detach().to(device, copy=True)
+    return copy.deepcopy(module, memo).to(device).eval()
