@@ -513,7 +513,7 @@ async def test_cuda_out_of_memory_recovers_and_frees_what_it_took() -> None:
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated()
     async with batchkit.Batcher.from_module(
-        SometimesHungry(), device="cuda", max_batch_size=8, max_wait_ms=5
+        SometimesHungry(), device="cuda", max_batch_size=8, max_wait_ms=50
     ) as batcher:
         first = await gather(batcher, [torch.full((2,), float(i)) for i in range(8)])
         assert batcher.stats().batch_size_limit == 4

@@ -1,16 +1,15 @@
 """Serving a ``torch.nn.Module``: placement, inference mode, CUDA streams, pinned memory.
 
 ``module_replicas`` (behind ``Batcher.from_module``) builds one *slot function*
-per (replica, pipeline stage), as a ``Replicas``:
+per module copy, as a ``Replicas``: ``pipeline_depth`` copies (default 1) on each
+placement, the module itself first. Every module object runs on its own slot's
+thread only (see "The torch runtime" in docs/design.md).
 
-* Each replica is a copy of the module on one device (the module itself first).
-* On CUDA, each slot has its own CUDA stream and its own worker thread, and a
-  replica gets ``pipeline_depth`` slots (2 by default): while one slot's batch
-  computes, the next slot collates its batch, stages it in pinned host memory
-  and copies it to the device on its own stream, so the GPU is not left idle
-  between batches. Results are synchronized on the slot's stream before they are
-  released to callers.
-* On the CPU there is nothing to overlap: one slot per replica.
+* On CUDA, each slot has its own stream. It waits for the thread's current
+  stream (where collate built the batch), then copies host inputs in (staged in
+  pinned memory), runs the module and copies outputs back, all on its stream;
+  the thread synchronizes the stream before split or any caller reads a result.
+* Results are ordinary tensors in pageable memory; a numpy batch gets numpy back.
 
 Inputs may be any pytree of tensors, arrays and numbers; tensors are moved to the
 device and floating ones cast to the module's dtype (a float64 numpy input to a
@@ -260,9 +259,7 @@ def _copy_to(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """
     memo: dict[int, Any] = {}
     for param in module.parameters():
-        memo[id(param)] = torch.nn.Parameter(
-            param.detach().to(device, copy=True), requires_grad=param.requires_grad
-        )
+        memo[id(param)] = torch.nn.Parameter(param.detach().to(device, copy=True), requires_grad=param.requires_grad)
     for buffer in module.buffers():
         memo[id(buffer)] = buffer.detach().to(device, copy=True)
     return copy.deepcopy(module, memo).to(device).eval()
