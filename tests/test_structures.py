@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -155,3 +157,92 @@ def test_pad_sequences_options_are_checked() -> None:
         batchkit.pad_sequences(multiple_of=0)
     with pytest.raises(ValueError, match="strip"):
         batchkit.pad_sequences(strip="yes")  # type: ignore[arg-type]
+
+
+# -- results own their memory: no caller's result keeps its batch alive -----------------
+
+
+def _batch_free(refs: list[Any]) -> bool:
+    gc.collect()
+    return all(ref() is None for ref in refs)
+
+
+async def test_numpy_results_own_their_memory_and_release_the_batch() -> None:
+    outputs: list[Any] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        out = np.repeat(batch[:, None], 1000, axis=1)  # (n, 1000): the batch's whole output
+        outputs.append(weakref.ref(out))
+        return out
+
+    async with batchkit.Batcher(model, max_wait_ms=20) as batcher:
+        results = await gather(batcher, [float(i) for i in range(8)])
+    for i, r in enumerate(results):
+        assert r.flags.owndata
+        assert r.base is None
+        assert r.shape == (1000,)
+        assert (r == i).all()
+    assert _batch_free(outputs), "a caller's row keeps the whole batch's output alive"
+
+
+async def test_tensor_results_own_their_memory_and_release_the_batch() -> None:
+    outputs: list[Any] = []
+
+    def model(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = batch[:, None].repeat(1, 1000)
+        outputs.append(weakref.ref(out))
+        return {"y": out, "first": out[:, 0]}
+
+    async with batchkit.Batcher(model, max_wait_ms=20) as batcher:
+        results = await gather(batcher, [torch.tensor(float(i)) for i in range(8)])
+    for i, r in enumerate(results):
+        y = r["y"]
+        assert y.untyped_storage().nbytes() == y.numel() * y.element_size()
+        assert r["first"].untyped_storage().nbytes() == r["first"].element_size()
+        assert bool((y == i).all())
+    assert _batch_free(outputs), "a caller's row keeps the whole batch's output alive"
+
+
+async def test_stripped_and_whole_padded_results_own_their_memory() -> None:
+    outputs: list[Any] = []
+
+    def model(batch: batchkit.PaddedBatch) -> np.ndarray:
+        out = batch.values * 10
+        outputs.append(weakref.ref(out))
+        return out
+
+    async with batchkit.Batcher(model, max_wait_ms=30, collate=batchkit.pad_sequences()) as batcher:
+        results = await gather(batcher, [np.arange(n, dtype=np.float32) for n in (3, 9, 1)])
+    assert [r.tolist() for r in results] == [[0, 10, 20], [10.0 * i for i in range(9)], [0]]
+    assert all(r.flags.owndata for r in results)
+    assert _batch_free(outputs)
+
+    def per_sequence(batch: batchkit.PaddedBatch) -> torch.Tensor:
+        out = batch.values.sum(dim=1, keepdim=True).repeat(1, 100)
+        outputs.append(weakref.ref(out))
+        return out
+
+    async with batchkit.Batcher(per_sequence, max_wait_ms=30, collate=batchkit.pad_sequences()) as batcher:
+        whole = await gather(batcher, [torch.ones(n) for n in (2, 5)])
+    assert [r[0].item() for r in whole] == [2.0, 5.0]
+    assert all(r.untyped_storage().nbytes() == 100 * 4 for r in whole)
+    assert _batch_free(outputs)
+
+
+def test_views_are_an_opt_in() -> None:
+    output = np.arange(12.0).reshape(4, 3)
+    assert not any(np.shares_memory(r, output) for r in AutoCollate().split(output, 4, None))
+    assert all(np.shares_memory(r, output) for r in AutoCollate(views=True).split(output, 4, None))
+    tensor = torch.arange(12.0).reshape(4, 3)
+    assert all(r.data_ptr() != tensor[i].data_ptr() for i, r in enumerate(AutoCollate().split(tensor, 4, None)))
+    assert all(
+        r.data_ptr() == tensor[i].data_ptr() for i, r in enumerate(AutoCollate(views=True).split(tensor, 4, None))
+    )
+
+
+def test_pad_sequences_builds_the_batch_on_the_inputs_device() -> None:
+    # the meta device stands in for an accelerator here; see test_torch.py for CUDA
+    items = [torch.ones(n, 2, device="meta") for n in (3, 5)]
+    batch = batchkit.pad_sequences(multiple_of=4).collate(items)
+    assert batch.values.shape == (2, 8, 2)
+    assert {batch.values.device.type, batch.lengths.device.type, batch.mask.device.type} == {"meta"}

@@ -175,14 +175,21 @@ def _stack(items: list[Any]) -> Any:
     )
 
 
-def _rows(output: Any, n: int) -> Sequence[Any] | None:
-    """Split an array or tensor along its first axis; None if ``output`` is neither."""
+def _rows(output: Any, n: int, views: bool = False) -> Sequence[Any] | None:
+    """Split an array or tensor along its first axis; None if ``output`` is neither.
+
+    Each row is a copy that owns its memory (a numpy ``copy()``, a tensor
+    ``clone()``), so a result a caller keeps does not keep the rest of its
+    batch alive; ``views=True`` returns views into ``output`` instead.
+    """
     if isinstance(output, np.ndarray):
         if output.ndim == 0:
             raise not_a_batch_error(output, n)
         if output.shape[0] != n:
             raise mismatch_error(output.shape[0], n)
-        return list(output)
+        if views or output.ndim == 1:
+            return list(output)  # the rows of a 1-D array are scalars (or, for dtype=object, the objects)
+        return [row.copy() for row in output]
     torch = _torch()
     if torch is not None and isinstance(output, torch.Tensor):
         if output.dim() == 0:
@@ -190,7 +197,9 @@ def _rows(output: Any, n: int) -> Sequence[Any] | None:
         if output.shape[0] != n:
             raise mismatch_error(output.shape[0], n)
         rows: Sequence[Any] = output.unbind(0)
-        return rows
+        if views:
+            return rows
+        return [row.clone() for row in rows]
     return None
 
 
@@ -206,24 +215,24 @@ def _has_batched_leaves(output: Any) -> bool:
     return False
 
 
-def _unstack(output: Any, n: int) -> list[Any]:
+def _unstack(output: Any, n: int, views: bool) -> list[Any]:
     """Per-request structures from a structure of batched leaves."""
-    rows = _rows(output, n)
+    rows = _rows(output, n, views)
     if rows is not None:
         return list(rows)
     if output is None:
         return [None] * n
     kind = type(output)
     if isinstance(output, dict):
-        by_key = {k: _unstack(v, n) for k, v in output.items()}
+        by_key = {k: _unstack(v, n, views) for k, v in output.items()}
         return [kind({k: column[i] for k, column in by_key.items()}) for i in range(n)]
     if _is_namedtuple(output):
-        return [kind(*row) for row in zip(*(_unstack(v, n) for v in output), strict=True)]
+        return [kind(*row) for row in zip(*(_unstack(v, n, views) for v in output), strict=True)]
     if isinstance(output, (tuple, list)):
-        return [kind(row) for row in zip(*(_unstack(v, n) for v in output), strict=True)]
+        return [kind(row) for row in zip(*(_unstack(v, n, views) for v in output), strict=True)]
     if _is_dataclass_instance(output):
         names = [f.name for f in dataclasses.fields(output)]
-        columns = [_unstack(getattr(output, name), n) for name in names]
+        columns = [_unstack(getattr(output, name), n, views) for name in names]
         return [dataclasses.replace(output, **dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
     raise not_a_batch_error(output, n)
 
@@ -250,12 +259,20 @@ class AutoCollate:
     2-D array; both are keyed by the dtype they become (ints apart from floats,
     integers beyond int64 in object arrays of their own), so one caller's input
     never changes the dtype its batch-mates' model sees. An empty list, tuple
-    or dict has nothing to stack and is refused. The output is split along its first axis: an array
-    or tensor row by row (views; ``tensor.unbind(0)``), a dict, tuple, namedtuple
-    or dataclass of batched arrays/tensors leaf by leaf (rebuilding the container
+    or dict has nothing to stack and is refused. The output is split along its
+    first axis: an array or tensor row by row, a dict, tuple, namedtuple or
+    dataclass of batched arrays/tensors leaf by leaf (rebuilding the container
     for each request). A *list* output is taken as the per-request results
     themselves, as is a tuple whose items are not all batched arrays.
+
+    Each row is copied (numpy ``copy()``, tensor ``clone()``) so that a result
+    owns its memory: a caller that keeps its result does not keep its batch's
+    whole output alive. ``views=True`` returns views into the output instead
+    (cheaper, for callers that drop results at once).
     """
+
+    def __init__(self, *, views: bool = False) -> None:
+        self.views = views
 
     def key(self, item: Any) -> Hashable:
         if type(item) is np.ndarray:  # the hot path, first
@@ -266,12 +283,12 @@ class AutoCollate:
         return _stack(items)
 
     def split(self, output: Any, n: int, batch: Any) -> Sequence[Any]:
-        rows = _rows(output, n)
+        rows = _rows(output, n, self.views)
         if rows is not None:
             return rows
         if isinstance(output, list) or not _has_batched_leaves(output):
             return split_sequence(output, n)
-        return _unstack(output, n)
+        return _unstack(output, n, self.views)
 
 
 class ListCollate:

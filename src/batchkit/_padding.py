@@ -17,7 +17,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from ._collate import mismatch_error, not_a_batch_error
+from ._collate import _rows, mismatch_error, not_a_batch_error
 from ._errors import InvalidInputError
 
 __all__ = ["PadSequences", "PaddedBatch", "pad_sequences"]
@@ -27,7 +27,7 @@ class PaddedBatch(NamedTuple):
     """What a model served with ``pad_sequences()`` receives.
 
     All three are numpy arrays when the inputs were arrays, torch tensors when
-    they were tensors.
+    they were tensors (on the inputs' device).
     """
 
     values: Any
@@ -77,11 +77,12 @@ class PadSequences:
             mask = np.arange(width)[None, :] < lengths_array[:, None]
             return PaddedBatch(values, lengths_array, mask)
         torch = sys.modules["torch"]
-        values = torch.full((len(items), width, *first.shape[1:]), self.pad_value, dtype=first.dtype)
+        device = first.device  # built where the inputs are: no round trip through the host for CUDA inputs
+        values = torch.full((len(items), width, *first.shape[1:]), self.pad_value, dtype=first.dtype, device=device)
         for row, item in zip(values, items, strict=True):
             row[: len(item)] = item
-        lengths_tensor = torch.tensor(lengths, dtype=torch.int64)
-        mask = torch.arange(width)[None, :] < lengths_tensor[:, None]
+        lengths_tensor = torch.tensor(lengths, dtype=torch.int64, device=device)
+        mask = torch.arange(width, device=device)[None, :] < lengths_tensor[:, None]
         return PaddedBatch(values, lengths_tensor, mask)
 
     def split(self, output: Any, n: int, batch: PaddedBatch) -> Sequence[Any]:
@@ -100,8 +101,15 @@ class PadSequences:
                 f"positions, expected the padded length {width}"
             )
         if self.strip is False or not keeps_time_axis:
-            return list(output)
-        return [output[i, : int(length)] for i, length in enumerate(batch.lengths)]
+            rows = _rows(output, n)
+            return list(output) if rows is None else rows
+        # Each result is a copy: a kept result must not keep the whole padded output alive.
+        lengths = batch.lengths.tolist()  # one read of the lengths, not one per row (a sync each on CUDA)
+        if isinstance(output, np.ndarray):
+            return [output[i, :length].copy() for i, length in enumerate(lengths)]
+        if hasattr(output, "clone"):
+            return [output[i, :length].clone() for i, length in enumerate(lengths)]
+        return [output[i, :length] for i, length in enumerate(lengths)]
 
 
 def pad_sequences(

@@ -1,16 +1,15 @@
 """Serving a ``torch.nn.Module``: placement, inference mode, CUDA streams, pinned memory.
 
 ``module_replicas`` (behind ``Batcher.from_module``) builds one *slot function*
-per (replica, pipeline stage), as a ``Replicas``:
+per module copy, as a ``Replicas``: ``pipeline_depth`` copies (default 1) on each
+placement, the module itself first. Every module object runs on its own slot's
+thread only (see "The torch runtime" in docs/design.md).
 
-* Each replica is a copy of the module on one device (the module itself first).
-* On CUDA, each slot has its own CUDA stream and its own worker thread, and a
-  replica gets ``pipeline_depth`` slots (2 by default): while one slot's batch
-  computes, the next slot collates its batch, stages it in pinned host memory
-  and copies it to the device on its own stream, so the GPU is not left idle
-  between batches. Results are synchronized on the slot's stream before they are
-  released to callers.
-* On the CPU there is nothing to overlap: one slot per replica.
+* On CUDA, each slot has its own stream. It waits for the thread's current
+  stream (where collate built the batch), then copies host inputs in (staged in
+  pinned memory), runs the module and copies outputs back, all on its stream;
+  the thread synchronizes the stream before split or any caller reads a result.
+* Results are ordinary tensors in pageable memory; a numpy batch gets numpy back.
 
 Inputs may be any pytree of tensors, arrays and numbers; tensors are moved to the
 device and floating ones cast to the module's dtype (a float64 numpy input to a
@@ -36,6 +35,30 @@ __all__ = ["ModuleFn", "module_replicas"]
 DeviceLike = str | torch.device
 
 
+def _leaves(tree: Any) -> list[Any]:
+    """The leaves of a pytree, in order."""
+    found: list[Any] = []
+    _map(lambda leaf: found.append(leaf), tree)
+    return found
+
+
+def _numpy_batch(batch: Any) -> bool:
+    """True when the batch came as numpy (arrays, numbers), with no tensor in it: its outputs go back as numpy."""
+    leaves = _leaves(batch)
+    return any(isinstance(leaf, np.ndarray) for leaf in leaves) and not any(
+        isinstance(leaf, torch.Tensor) for leaf in leaves
+    )
+
+
+def _to_numpy(leaf: Any) -> Any:
+    """A CPU tensor as a numpy array (sharing its memory; split copies the rows); bfloat16 as float32."""
+    if not isinstance(leaf, torch.Tensor) or leaf.device.type != "cpu":
+        return leaf
+    if leaf.dtype == torch.bfloat16:
+        leaf = leaf.float()
+    return leaf.numpy()
+
+
 def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
     """Apply ``fn`` to each leaf of a pytree, rebuilding its containers."""
     if isinstance(tree, dict):
@@ -49,6 +72,20 @@ def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
             tree, **{f.name: _map(fn, getattr(tree, f.name)) for f in dataclasses.fields(tree) if f.init}
         )
     return fn(tree)
+
+
+def _record_stream(output: Any, consumer: Any) -> None:
+    """Tell the caching allocator that ``consumer`` uses the CUDA tensors of ``output``.
+
+    Only CUDA tensors: a model may return a CPU tensor too (a length, a count),
+    and ``record_stream`` raises on one.
+    """
+
+    def record(leaf: Any) -> None:
+        if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
+            leaf.record_stream(consumer)
+
+    _map(record, output)
 
 
 class ModuleFn:
@@ -79,7 +116,10 @@ class ModuleFn:
 
     def _to_host(self, leaf: Any) -> Any:
         if isinstance(leaf, torch.Tensor) and leaf.device.type != "cpu":
-            return leaf.to("cpu", non_blocking=True)
+            # A blocking copy on the current stream (the model's): it lands in ordinary
+            # (pageable) host memory, never in a pinned buffer a caller would then hold,
+            # and returns once that stream's work up to the copy is done.
+            return leaf.to("cpu")
         return leaf
 
     def _call(self, batch: Any) -> Any:
@@ -95,16 +135,28 @@ class ModuleFn:
         return output
 
     def __call__(self, batch: Any) -> Any:
+        numpy_out = self.outputs_on == "cpu" and _numpy_batch(batch)
         with torch.inference_mode():
-            if self.stream is None:
-                return self._call(batch)
-            with torch.cuda.stream(self.stream):
-                output = self._call(batch)
-            self.stream.synchronize()  # inputs copied, compute and copies back done
-            if self.outputs_on == "device":
-                consumer = torch.cuda.default_stream(self.device)
-                _map(lambda t: t.record_stream(consumer) if isinstance(t, torch.Tensor) else t, output)
-            return output
+            output = self._call(batch) if self.stream is None else self._call_on_stream(batch)
+        if numpy_out:
+            output = _map(_to_numpy, output)
+        return output
+
+    def _call_on_stream(self, batch: Any) -> Any:
+        """One batch on this slot's CUDA stream, ordered against the thread's current stream both ways."""
+        stream = self.stream
+        # The thread's current stream: where collate just built the batch (a torch.stack
+        # of CUDA inputs, pad_sequences' padding), and where split will cut the outputs.
+        consumer = torch.cuda.current_stream(self.device)
+        stream.wait_stream(consumer)  # the model reads the batch only after it is written
+        with torch.cuda.stream(stream):
+            output = self._call(batch)  # copies in, forward, copies out: all on `stream`, in order
+        stream.synchronize()  # the host reads nothing before the stream's work is done
+        if self.outputs_on == "device":
+            # Allocated on `stream`, read next on `consumer` (split's clones, the callers):
+            # the allocator must not hand their blocks back to `stream` before those reads.
+            _record_stream(output, consumer)
+        return output
 
 
 def _placement(module: torch.nn.Module) -> tuple[set[torch.device], set[torch.dtype]]:
@@ -179,13 +231,35 @@ def module_replicas(
             raise ValueError("replicas must name at least one device")
     input_dtype = _resolve_dtype(module, dtype)
     if pipeline_depth is None:
-        pipeline_depth = 2 if placements[0].type == "cuda" else 1
-    if pipeline_depth < 1:
-        raise ValueError(f"pipeline_depth must be at least 1, got {pipeline_depth}")
+        pipeline_depth = 1
+    if isinstance(pipeline_depth, bool) or not isinstance(pipeline_depth, int) or pipeline_depth < 1:
+        raise ValueError(f"pipeline_depth must be a positive int, got {pipeline_depth!r}")
 
-    fns: list[Callable[[Any], Any]] = []
-    for index, place in enumerate(placements):
-        copy_ = module if index == 0 else copy.deepcopy(module)
-        copy_ = copy_.to(place).eval()
-        fns.extend(ModuleFn(copy_, place, input_dtype, outputs_on) for _ in range(pipeline_depth))
-    return Replicas(fns)
+    # One slot per module copy: pipeline_depth copies on each placement. A module
+    # object only ever runs on its own slot's thread (see "The torch runtime" in
+    # docs/design.md): two batches overlap only on two copies the user asked for.
+    slots = [place for place in placements for _ in range(pipeline_depth)]
+    # The copies first, from the module where it is now (the CPU, usually), each
+    # straight to its device; then the module itself moves to the first slot's.
+    copies = [_copy_to(module, place) for place in slots[1:]]
+    first = module.to(slots[0]).eval()
+    return Replicas(
+        [ModuleFn(m, place, input_dtype, outputs_on) for m, place in zip([first, *copies], slots, strict=True)]
+    )
+
+
+def _copy_to(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A copy of ``module`` whose parameters and buffers are copied once each, straight onto ``device``.
+
+    ``copy.deepcopy`` of a module copies each tensor where it is (a GPU module:
+    a second copy on that GPU, even if the copy is meant for another device).
+    Here each tensor is copied with one ``.to(device, copy=True)`` and handed to
+    deepcopy through its memo, so the structure (submodules, hooks, tied
+    weights, which stay tied) is copied, and no tensor is copied twice.
+    """
+    memo: dict[int, Any] = {}
+    for param in module.parameters():
+        memo[id(param)] = torch.nn.Parameter(param.detach().to(device, copy=True), requires_grad=param.requires_grad)
+    for buffer in module.buffers():
+        memo[id(buffer)] = buffer.detach().to(device, copy=True)
+    return copy.deepcopy(module, memo).to(device).eval()
