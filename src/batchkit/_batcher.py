@@ -245,10 +245,11 @@ class Batcher(Generic[InT, OutT]):
         worker thread(s). Inputs (tensors, arrays, numbers, or dicts / tuples /
         dataclasses of them) are moved to the device, floating ones cast to the
         module's dtype; a dict batch is passed as keyword arguments, a tuple as
-        positional arguments. On CUDA each worker has its own stream, inputs are
-        staged in pinned memory and copied asynchronously, and two workers per
-        replica overlap one batch's copies with the other's compute. A batch that
-        runs out of GPU memory is halved and retried (see ``stats().oom_splits``).
+        positional arguments. On CUDA each copy of the module has its own thread
+        and stream: the batch is built on, or awaited by, that stream, and read
+        back only once its work is done. Results are ordinary tensors that own
+        their memory (numpy in, numpy out). A batch that runs out of GPU memory
+        is halved and retried (see ``stats().oom_splits``).
 
         Args:
             module: the model. A module on the CPU is moved to ``device``.
@@ -261,8 +262,9 @@ class Batcher(Generic[InT, OutT]):
                 ``"device"`` leaves it on the device.
             replicas: how many copies of the module to run side by side, or a
                 list of devices, one copy on each.
-            pipeline_depth: worker threads (and streams) per replica; default 2
-                on CUDA, 1 on the CPU.
+            pipeline_depth: copies of the module per device, each with its own
+                thread and stream, so that one copy's transfers overlap another's
+                compute (default 1: one copy, never run from two threads).
             **batcher_options: any ``Batcher`` option (``max_batch_size``, ...).
 
         Raises:
