@@ -368,13 +368,19 @@ async def test_deadlines_shorter_than_the_wait_are_met() -> None:
         assert batcher.stats().timed_out == 0
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("kind", ["sync", "async"])
-def test_a_generator_function_is_refused_until_streaming_is_supported(kind: str) -> None:
+async def test_a_generator_function_streams_instead_of_failing_every_call(kind: str) -> None:
+    """Once refused, now supported: each yield is one item per request (see test_streaming.py)."""
+
     def sync_gen(batch: list[Any]) -> Any:
-        yield batch
+        yield [x * 2 for x in batch]
+        yield [x * 3 for x in batch]
 
     async def async_gen(batch: list[Any]) -> Any:
-        yield batch
+        for items in sync_gen(batch):
+            yield items
 
-    with pytest.raises(TypeError, match="generator"):
-        batchkit.Batcher(sync_gen if kind == "sync" else async_gen, collate=None)
+    async with batchkit.Batcher(sync_gen if kind == "sync" else async_gen, collate=None, max_wait_ms=1) as batcher:
+        with anyio.fail_after(10):
+            assert await batcher.predict(5) == [10, 15]

@@ -17,16 +17,20 @@ from ._errors import (
     ModelTimeoutError,
     QueueFullError,
     RequestTimeoutError,
+    StreamBufferFullError,
 )
 from ._padding import PaddedBatch, PadSequences, pad_sequences
 from ._settings import DEFAULT_MAX_QUEUE_SIZE, BatcherOptions
 from ._stats import BatcherStats, LatencySummary
+from ._step import StepBatcher, StepModel
+from ._stream import END
 from ._sync import SyncBatcher
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MAX_QUEUE_SIZE",
+    "END",
     "BatchSizeMismatchError",
     "Batcher",
     "BatcherClosedError",
@@ -41,6 +45,9 @@ __all__ = [
     "PaddedBatch",
     "QueueFullError",
     "RequestTimeoutError",
+    "StepBatcher",
+    "StepModel",
+    "StreamBufferFullError",
     "SyncBatcher",
     "__version__",
     "batch",

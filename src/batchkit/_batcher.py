@@ -21,7 +21,7 @@ import inspect
 import logging
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 import anyio
@@ -32,7 +32,7 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import Unpack
 
-from ._backend import current_backend
+from ._backend import Backend, current_backend
 from ._collate import CollateArg, make_collator
 from ._errors import BatcherClosedError
 from ._execute import Executor
@@ -42,8 +42,9 @@ from ._runner import Replicas
 from ._scheduler import Scheduler
 from ._settings import DEFAULT_MAX_QUEUE_SIZE, BatcherOptions, ModuleBatcherOptions, Settings
 from ._stats import BatcherStats
+from ._stream import Channel
 from ._threads import ThreadFuture
-from ._worker import Worker
+from ._worker import BoundWorker, Worker
 
 __all__ = ["DEFAULT_MAX_QUEUE_SIZE", "Batcher", "BatcherOptions", "ModuleBatcherOptions"]
 
@@ -62,11 +63,19 @@ def _is_async_callable(fn: Callable[..., Any]) -> bool:
     return call is not None and inspect.iscoroutinefunction(call)
 
 
-def _is_generator_callable(fn: Callable[..., Any]) -> bool:
+def _unwrap_call(fn: Callable[..., Any]) -> Callable[..., Any]:
     while isinstance(fn, functools.partial):
         fn = fn.func
-    call = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)  # noqa: B004
+    return fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)  # noqa: B004
+
+
+def _is_generator_callable(fn: Callable[..., Any]) -> bool:
+    call = _unwrap_call(fn)
     return inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call)
+
+
+def _is_async_generator_callable(fn: Callable[..., Any]) -> bool:
+    return inspect.isasyncgenfunction(_unwrap_call(fn))
 
 
 def _weak_method(function: Callable[..., Any], instance: object, is_async: bool) -> Callable[[Any], Any]:
@@ -174,18 +183,16 @@ class Batcher(Generic[InT, OutT]):
         batch_cost: Callable[[Any], float] | None = None,
         max_batch_cost: float | None = None,
         priority_aging_ms: float = 1000.0,
+        stream_buffer: int = 1024,
         name: str | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__qualname__}")
-        if _is_generator_callable(fn):
-            raise TypeError(
-                f"fn {getattr(fn, '__qualname__', fn)!r} is a generator function; a Batcher's fn returns one batch "
-                "of outputs (streaming from generator functions is not supported)"
-            )
         if isinstance(fn, Replicas):
             replicas = len(fn.fns)
-        self._is_async = _is_async_callable(fn.fns[0] if isinstance(fn, Replicas) else fn)
+        first = fn.fns[0] if isinstance(fn, Replicas) else fn
+        self._streams = _is_generator_callable(first)  # each yield: one item per request
+        self._is_async = _is_async_callable(first) or _is_async_generator_callable(first)
         options: dict[str, Any] = {
             "max_batch_size": max_batch_size,
             "max_wait_ms": max_wait_ms,
@@ -200,6 +207,7 @@ class Batcher(Generic[InT, OutT]):
             "batch_cost": batch_cost,
             "max_batch_cost": max_batch_cost,
             "priority_aging_ms": priority_aging_ms,
+            "stream_buffer": stream_buffer,
         }
         settings = Settings.build(is_async=self._is_async, **options)
         collator = make_collator(collate)
@@ -214,7 +222,7 @@ class Batcher(Generic[InT, OutT]):
         self._scheduler = Scheduler(
             settings, collator.key, padded_cost=isinstance(collator, PadSequences), name=self._name
         )
-        self._worker: Worker | None = None
+        self._worker: BoundWorker | None = None
         self._entries: list[tuple[int, anyio.abc.TaskGroup | None]] = []  # `async with` blocks: (task, group)
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._instance: object = None  # an instance's batcher holds it (see __get__)
@@ -417,6 +425,8 @@ class Batcher(Generic[InT, OutT]):
         batch is running, the batch completes for the others and this caller's
         output is dropped.
         """
+        if self._streams:  # all of its items: nothing to bound, the list holds them anyway
+            return [item async for item in self._items(x, timeout_ms, priority, None)]  # type: ignore[return-value]
         worker = self._worker
         if worker is None or not worker.backend.is_current():
             worker = self._start_for_call()
@@ -430,6 +440,55 @@ class Batcher(Generic[InT, OutT]):
             raise
 
     __call__ = predict
+
+    async def stream(self, x: InT, *, timeout_ms: float | None = None, priority: float = 0) -> AsyncIterator[OutT]:
+        """Send one input and iterate over its own items as the generator model yields them.
+
+        ```python
+        async for token in batcher.stream(prompt):
+            ...
+        ```
+
+        For a batcher whose ``fn`` is a generator function (sync or async): each
+        ``yield`` gives one item per request of the batch, and a request's stream
+        ends when the generator ends or yields ``batchkit.END`` in its position.
+        Stopping early (``break``, cancellation) withdraws the request: queued,
+        it never runs; running, its items are dropped and the others' are not
+        affected (use ``contextlib.aclosing`` to withdraw at once rather than
+        when the iterator is collected). ``timeout_ms`` bounds the whole stream.
+        Errors are those of ``predict``, raised after the items already
+        delivered, plus ``StreamBufferFullError`` for a reader that fell
+        ``stream_buffer`` items behind.
+
+        Raises:
+            TypeError: ``fn`` is not a generator function (use ``predict``).
+        """
+        if not self._streams:
+            raise TypeError(
+                f"batcher {self._name!r}: stream() needs a generator function as fn (each yield: one item "
+                "per request); this fn returns one batch of outputs: use predict()"
+            )
+        async for item in self._items(x, timeout_ms, priority, self._scheduler.settings.stream_buffer):
+            yield item
+
+    async def _items(
+        self, x: InT, timeout_ms: float | None, priority: float, buffer: int | None
+    ) -> AsyncIterator[OutT]:
+        worker = self._worker
+        if worker is None or not worker.backend.is_current():
+            worker = self._start_for_call()
+        scheduler = self._scheduler
+        request = scheduler.submit(x, timeout_ms, priority)
+        channel = request.channel = Channel(buffer)
+        try:
+            while True:
+                try:
+                    item = await channel.get()
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            scheduler.abandon(request)  # nothing if the stream ended; else never run, or its items dropped
 
     async def predict_many(
         self, xs: Iterable[InT], *, timeout_ms: float | None = None, priority: float = 0
@@ -472,6 +531,8 @@ class Batcher(Generic[InT, OutT]):
         Raises:
             RuntimeError: the batcher is not running on an event loop.
         """
+        if self._streams:
+            raise TypeError(f"batcher {self._name!r} streams its outputs: submit_threadsafe() takes one-output models")
         worker = self._worker
         if worker is None:
             raise RuntimeError(f"batcher {self._name!r} is not running on an event loop")
@@ -484,7 +545,7 @@ class Batcher(Generic[InT, OutT]):
 
     # -- lifecycle ----------------------------------------------------------------
 
-    def _start_for_call(self) -> Worker:
+    def _start_for_call(self) -> BoundWorker:
         """Bind to the running loop and start the worker as a system task (lazy start)."""
         scheduler = self._scheduler
         if scheduler.closing:
@@ -497,7 +558,7 @@ class Batcher(Generic[InT, OutT]):
         logger.debug("batcher %r started on %s", self._name, worker.backend.name)
         return worker
 
-    def _bind(self) -> Worker:
+    def _bind(self) -> BoundWorker:
         worker = self._worker
         if worker is not None:
             if worker.backend.alive():
@@ -508,7 +569,7 @@ class Batcher(Generic[InT, OutT]):
             self._forget(worker)  # its loop ended without cleanup: start afresh on this one
         scheduler = self._scheduler
         backend = current_backend(scheduler.abandon)
-        worker = Worker(scheduler, backend, self._executor, self._slot_fns, is_async=self._is_async)
+        worker = self._new_worker(scheduler, backend)
         scheduler.attach(backend)
         self._worker = worker
         # Dropped without aclose(), the batcher still stops its worker: the worker's task and
@@ -516,14 +577,19 @@ class Batcher(Generic[InT, OutT]):
         self._finalizer = weakref.finalize(self, _release_worker, scheduler, worker)
         return worker
 
-    def _forget(self, worker: Worker) -> None:
+    def _new_worker(self, scheduler: Scheduler, backend: Backend) -> BoundWorker:
+        return Worker(
+            scheduler, backend, self._executor, self._slot_fns, is_async=self._is_async, streams=self._streams
+        )
+
+    def _forget(self, worker: BoundWorker) -> None:
         """Drop a worker whose event loop is gone; its callers went with the loop."""
         logger.warning("batcher %r: its event loop ended without aclose(); starting afresh", self._name)
         self._scheduler.detach()  # the callers' futures belong to the dead loop: count them, answer none
         worker.abandon(BatcherClosedError(f"batcher {self._name!r}: its event loop ended without aclose()"))
         self._worker_ended(worker)
 
-    def _worker_ended(self, worker: Worker) -> None:
+    def _worker_ended(self, worker: BoundWorker) -> None:
         if self._worker is worker:
             self._worker = None
             self._scheduler.detach()
@@ -645,7 +711,7 @@ class Batcher(Generic[InT, OutT]):
         return bound
 
 
-async def _run_worker(batcher: weakref.ref[Batcher[Any, Any]], worker: Worker) -> None:
+async def _run_worker(batcher: weakref.ref[Batcher[Any, Any]], worker: BoundWorker) -> None:
     """The worker's task: it refers to its batcher weakly, so a dropped batcher can be collected."""
     try:
         await worker.run()
@@ -655,7 +721,7 @@ async def _run_worker(batcher: weakref.ref[Batcher[Any, Any]], worker: Worker) -
             owner._worker_ended(worker)
 
 
-def _release_worker(scheduler: Scheduler, worker: Worker) -> None:
+def _release_worker(scheduler: Scheduler, worker: BoundWorker) -> None:
     """Stop the worker of a batcher that was collected without aclose(); from any thread.
 
     No caller can be waiting (each would hold the batcher). On a running loop the

@@ -8,7 +8,8 @@ Exception
       ├── RequestTimeoutError       the call's deadline passed (also a TimeoutError)
       ├── ModelTimeoutError         a batch ran longer than run_timeout_ms (also a TimeoutError)
       ├── BatchSizeMismatchError    fn returned a batch of the wrong length
-      └── InvalidInputError         the collator cannot batch this input (also a TypeError)
+      ├── InvalidInputError         the collator cannot batch this input (also a TypeError)
+      └── StreamBufferFullError     a stream's caller fell stream_buffer items behind
 ```
 
 Errors raised by the model function are not wrapped: every caller of the failing
@@ -28,6 +29,7 @@ __all__ = [
     "ModelTimeoutError",
     "QueueFullError",
     "RequestTimeoutError",
+    "StreamBufferFullError",
 ]
 
 
@@ -73,4 +75,12 @@ class InvalidInputError(BatchkitError, TypeError):
 
     Raised by ``predict`` before the request is queued, for that caller only. It
     is also a ``TypeError``, as before it existed.
+    """
+
+
+class StreamBufferFullError(BatchkitError):
+    """A streaming caller fell ``stream_buffer`` items behind and was cut off.
+
+    The other rows of its batch never wait for a slow reader: what is buffered
+    for one caller is bounded, and past the bound its stream ends with this error.
     """

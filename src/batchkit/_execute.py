@@ -147,13 +147,63 @@ class Executor:
                 try:
                     output = fn(batch)
                 except BaseException as exc:
-                    batch = plan.throw(_answerable(exc))
+                    batch = plan.throw(answerable(exc))
                 else:
                     batch = plan.send(output)
         except StopIteration as done:
             outcome.outputs = done.value
         except BaseException as exc:
             outcome.error = exc
+        outcome.seconds = time.perf_counter() - start
+        return outcome
+
+    def run_stream(self, fn: Callable[[Any], Any], items: list[Any], emit: Emit) -> Outcome:
+        """Iterate a generator model on this thread, emitting each step's items; never raises.
+
+        No splitting: once items have gone out, a batch cannot be retried in parts.
+        """
+        outcome = Outcome()
+        start = time.perf_counter()
+        collator = self._collator
+        padded = self._pad(items)
+        try:
+            batch = collator.collate(padded)
+            steps = fn(batch)
+            try:
+                for output in steps:
+                    if not emit(_rows(collator, output, len(items), len(padded), batch)):
+                        break  # every caller has gone: stop generating
+            finally:
+                steps.close()
+        except BaseException as exc:
+            outcome.error = answerable(exc)
+        outcome.seconds = time.perf_counter() - start
+        return outcome
+
+    async def run_stream_async(
+        self, fn: Callable[[Any], Any], items: list[Any], emit: Emit, cancel_requested: Callable[[], bool]
+    ) -> Outcome:
+        """``run_stream`` for an async generator model, on the event loop; a real cancellation propagates."""
+        cancelled = anyio.get_cancelled_exc_class()
+        outcome = Outcome()
+        start = time.perf_counter()
+        collator = self._collator
+        padded = self._pad(items)
+        try:
+            batch = collator.collate(padded)
+            steps = fn(batch)
+            try:
+                async for output in steps:
+                    if not emit(_rows(collator, output, len(items), len(padded), batch)):
+                        break
+            finally:
+                await steps.aclose()
+        except cancelled as exc:
+            if cancel_requested():
+                raise
+            outcome.error = _stray_cancellation(exc)
+        except BaseException as exc:
+            outcome.error = answerable(exc)
         outcome.seconds = time.perf_counter() - start
         return outcome
 
@@ -182,7 +232,7 @@ class Executor:
                         raise
                     batch = plan.throw(_stray_cancellation(exc))
                 except BaseException as exc:
-                    batch = plan.throw(_answerable(exc))
+                    batch = plan.throw(answerable(exc))
                 else:
                     batch = plan.send(output)
         except StopIteration as done:
@@ -203,7 +253,18 @@ class ModelCancelledError(RuntimeError):
     """The model raised a cancellation of its own (it was not being cancelled)."""
 
 
-def _answerable(error: BaseException) -> BaseException:
+Emit = Callable[[list[Any]], bool]
+"""Hands one step's items (one per request) on; False when no request listens any more."""
+
+
+def _rows(collator: Collator, output: Any, n: int, padded: int, batch: Any) -> list[Any]:
+    rows = collator.split(output, padded, batch)
+    if len(rows) != padded:
+        raise mismatch_error(len(rows), padded)
+    return list(rows[:n])
+
+
+def answerable(error: BaseException) -> BaseException:
     """``error``, or a ``RuntimeError`` in its place where it cannot be raised into a caller.
 
     ``StopIteration`` and ``StopAsyncIteration`` would end the caller's coroutine

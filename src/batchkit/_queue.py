@@ -52,7 +52,7 @@ _COMPACT_MIN = 64  # dead entries a group may hold before it is compacted, whate
 class Request:
     """One caller's input and the handle that wakes it up."""
 
-    __slots__ = ("cost", "deadline", "enqueued_at", "item", "key", "state", "urgency", "waiter")
+    __slots__ = ("channel", "cost", "deadline", "enqueued_at", "item", "key", "state", "urgency", "waiter")
 
     def __init__(
         self, item: Any, key: Hashable, enqueued_at: float, deadline: float, urgency: float, cost: float = 1.0
@@ -65,6 +65,7 @@ class Request:
         self.cost = cost
         self.state = QUEUED
         self.waiter: Any = None  # backend-specific: an asyncio future or a trio task
+        self.channel: Any = None  # a streaming request's items go here (see _stream.Channel)
 
 
 class _Group:

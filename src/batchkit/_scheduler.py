@@ -25,19 +25,26 @@ import logging
 import math
 import numbers
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import anyio
 import numpy as np
 
 from ._backend import Backend
-from ._errors import BatcherClosedError, InvalidInputError, QueueFullError, RequestTimeoutError
+from ._errors import (
+    BatcherClosedError,
+    InvalidInputError,
+    QueueFullError,
+    RequestTimeoutError,
+    StreamBufferFullError,
+)
 from ._execute import Failed, Outcome
 from ._policy import ArrivalRate, CostModel, FlushPolicy, OomCap, make_policy
 from ._queue import CANCELLED, DONE, QUEUED, RUNNING, TIMED_OUT, Request, RequestQueue
 from ._settings import Settings, check_ms
 from ._stats import BatcherStats, Counters
+from ._stream import END
 from ._threads import ThreadFuture
 
 __all__ = ["Batch", "Scheduler", "clock"]
@@ -248,19 +255,24 @@ class Scheduler:
     def pending(self) -> int:
         return self._queue.live
 
-    def take(self, now: float) -> Batch | None:
-        """The batch to run now, if a group is due; else remember when one will be."""
+    def take(self, now: float, *, limit: int | None = None, due: bool = False) -> Batch | None:
+        """The batch to run now, if a group is due; else remember when one will be.
+
+        ``limit`` caps the batch below the batcher's limit, and ``due`` makes any
+        queued request due now (a step-level batcher admits rows into a running
+        state without waiting).
+        """
         self._arrivals.observe(self.counters.requests, now)
         while True:
-            key = self._due_group(now)
+            key = self._due_group(now, due)
             if key is _NO_GROUP:
                 return None
-            batch = self._take_group(key, now)
+            batch = self._take_group(key, now, self.limit if limit is None else min(limit, self.limit))
             if batch is not None:
                 return batch
 
-    def _take_group(self, key: Hashable, now: float) -> Batch | None:
-        requests = self._queue.pop(key, self.limit, self.settings.max_batch_cost, self._padded_cost)
+    def _take_group(self, key: Hashable, now: float, limit: int) -> Batch | None:
+        requests = self._queue.pop(key, limit, self.settings.max_batch_cost, self._padded_cost)
         backend = self._backend
         assert backend is not None
         horizon = now + self.cost_model.fastest_recent()
@@ -280,7 +292,7 @@ class Scheduler:
                 request.state = TIMED_OUT
                 request.item = None
                 counters.timed_out += 1
-                backend.fail(request, self._timeout_error(request, early=request.deadline > now))
+                self._fail(request, self._timeout_error(request, early=request.deadline > now))
             else:
                 request.state = RUNNING
                 taken.append(request)
@@ -300,7 +312,7 @@ class Scheduler:
         self._running.add(batch)
         return batch
 
-    def _due_group(self, now: float) -> Hashable:
+    def _due_group(self, now: float, due_now: bool = False) -> Hashable:
         """The key of the group to flush now (the one whose oldest request is oldest), or ``_NO_GROUP``."""
         best_key: Hashable = _NO_GROUP
         best_time = math.inf
@@ -309,7 +321,7 @@ class Scheduler:
         max_cost = self.settings.max_batch_cost
         for key, group in self._queue.groups():
             head = group.oldest()
-            if self.closing or group.live >= limit or (max_cost is not None and group.cost >= max_cost):
+            if due_now or self.closing or group.live >= limit or (max_cost is not None and group.cost >= max_cost):
                 due = now
             else:
                 due = self._policy.flush_at(head, group.live, limit)
@@ -330,14 +342,12 @@ class Scheduler:
 
     def expire(self, now: float) -> None:
         """Fail every request whose deadline has passed, queued or running."""
-        backend = self._backend
-        assert backend is not None
         counters = self.counters
         for request in self._queue.expired(now):
             request.state = TIMED_OUT
             request.item = None
             counters.timed_out += 1
-            backend.fail(request, self._timeout_error(request))
+            self._fail(request, self._timeout_error(request))
         for batch in self._running:
             if batch.deadline > now:
                 continue
@@ -349,7 +359,7 @@ class Scheduler:
                     request.state = TIMED_OUT
                     counters.timed_out += 1
                     counters.in_flight -= 1
-                    backend.fail(request, self._timeout_error(request))
+                    self._fail(request, self._timeout_error(request))
                 elif request.deadline < earliest:
                     earliest = request.deadline
             batch.deadline = earliest
@@ -441,8 +451,9 @@ class Scheduler:
     def fail_batch(self, batch: Batch, error: BaseException) -> None:
         """Answer every caller of ``batch`` still waiting with (a copy of) ``error``."""
         self._running.discard(batch)
-        backend = self._backend
-        waiting = [r for r in batch.requests if r.state == RUNNING]
+        self._fail_all([r for r in batch.requests if r.state == RUNNING], error)
+
+    def _fail_all(self, waiting: list[Request], error: BaseException) -> None:
         if not waiting:
             return
         counters = self.counters
@@ -451,8 +462,16 @@ class Scheduler:
         counters.latency.add_since(clock(), [r.enqueued_at for r in waiting])
         for request, copied in zip(waiting, _copies(error, len(waiting)), strict=True):
             request.state = DONE
-            if backend is not None:
-                backend.fail(request, copied)
+            self._fail(request, copied)
+
+    def fail_requests(self, requests: list[Request], error: BaseException) -> None:
+        """Answer each of ``requests`` still running with (a copy of) ``error``."""
+        self._fail_all([r for r in requests if r.state == RUNNING], error)
+
+    def fail_running(self, error: BaseException) -> None:
+        """Answer every running request with ``error`` (its worker stopped)."""
+        for batch in list(self._running):
+            self.fail_batch(batch, error)
 
     def hung(self, batch: Batch, error: BaseException) -> None:
         """A batch ran past ``run_timeout_ms`` and was given up on."""
@@ -462,14 +481,71 @@ class Scheduler:
     def fail_queued(self, error: BaseException) -> int:
         """Answer every queued request with ``error`` (the worker stopped); returns how many."""
         leftovers = self._queue.pop_all()
-        backend = self._backend
         for request in leftovers:
             request.state = DONE
             request.item = None
-            if backend is not None:
-                backend.fail(request, error)
+            self._fail(request, error)
         self.counters.failed += len(leftovers)
         return len(leftovers)
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        """Wake a caller with ``error`` (its stream ends with it, for a streaming request)."""
+        if request.channel is not None:
+            request.channel.close(error)
+        elif self._backend is not None:
+            self._backend.fail(request, error)
+
+    # -- streams: many items per request --------------------------------------------------
+
+    def deliver(self, requests: list[Request], items: Sequence[Any], finished: Sequence[bool] | None) -> None:
+        """One step's items, one per request; ``END`` or ``finished`` ends a request's stream."""
+        counters = self.counters
+        ended: list[Request] = []
+        for index, (request, item) in enumerate(zip(requests, items, strict=True)):
+            if request.state != RUNNING:
+                continue  # cancelled or expired: its items are dropped
+            if item is END:
+                ended.append(request)
+                continue
+            if not request.channel.push(item):
+                request.state = DONE
+                counters.in_flight -= 1
+                counters.failed += 1
+                request.channel.close(
+                    StreamBufferFullError(
+                        f"batcher {self.name!r}: this stream's reader fell {self.settings.stream_buffer} items "
+                        "behind (stream_buffer); it was cut off so that the other rows do not wait"
+                    )
+                )
+            elif finished is not None and finished[index]:
+                ended.append(request)
+        self._end(ended)
+
+    def end_streams(self, batch: Batch, error: BaseException | None) -> None:
+        """A generator finished (or raised): every stream of ``batch`` still open ends."""
+        self._running.discard(batch)
+        open_ = [r for r in batch.requests if r.state == RUNNING]
+        if error is not None:
+            self._fail_all(open_, error)
+        else:
+            self._end(open_)
+
+    def _end(self, requests: list[Request]) -> None:
+        if not requests:
+            return
+        for request in requests:
+            request.state = DONE
+            request.channel.close()
+        counters = self.counters
+        counters.in_flight -= len(requests)
+        counters.completed += len(requests)
+        counters.latency.add_since(clock(), [r.enqueued_at for r in requests])
+
+    def prune_running(self) -> None:
+        """Forget running batches none of whose requests still waits (step-level rows end one by one)."""
+        done = [b for b in self._running if all(r.state != RUNNING for r in b.requests)]
+        for batch in done:
+            self._running.discard(batch)
 
     def _timeout_error(self, request: Request, *, early: bool = False) -> RequestTimeoutError:
         timeout = (request.deadline - request.enqueued_at) * 1000.0

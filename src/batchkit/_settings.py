@@ -35,6 +35,7 @@ class ModuleBatcherOptions(TypedDict, total=False):
     batch_cost: Callable[[Any], float] | None
     max_batch_cost: float | None
     priority_aging_ms: float
+    stream_buffer: int
     name: str | None
 
 
@@ -91,6 +92,8 @@ class Settings:
     """The largest batch to form: ``max_batch_size``, lowered to the largest allowed size under it."""
     slack: float
     """How soon a request without a deadline counts as due (its urgency): the default timeout, or 10 s."""
+    stream_buffer: int = 1024
+    """Items buffered for one streaming caller before it is cut off."""
 
     @classmethod
     def build(
@@ -110,6 +113,7 @@ class Settings:
         batch_cost: Callable[[Any], float] | None = None,
         max_batch_cost: float | None = None,
         priority_aging_ms: float = 1000.0,
+        stream_buffer: int = 1024,
     ) -> Settings:
         """Check every option (raising ``TypeError``/``ValueError`` naming the bad one)."""
         if batch_cost is not None and not callable(batch_cost):
@@ -146,6 +150,7 @@ class Settings:
             max_concurrent_batches=max_concurrent_batches,
             limit=1,
             slack=10.0,
+            stream_buffer=_positive_int("stream_buffer", stream_buffer),
         )
         return base.replace(
             max_batch_size=max_batch_size,

@@ -24,7 +24,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -32,13 +32,27 @@ import anyio.abc
 from ._backend import Backend
 from ._errors import BatcherClosedError, ModelTimeoutError
 from ._execute import Executor, Outcome
+from ._queue import RUNNING
 from ._runner import Slot, ThreadRunner
 from ._scheduler import Batch, Scheduler, clock
 from ._threads import Inbox
 
-__all__ = ["Worker"]
+__all__ = ["BoundWorker", "Worker"]
 
 logger = logging.getLogger("batchkit")
+
+
+class BoundWorker(Protocol):
+    """What a Batcher needs of the worker it binds to a loop (``Worker``, or ``StepWorker``)."""
+
+    backend: Backend
+    inbox: Inbox
+    done: anyio.Event
+    retired: bool
+
+    async def run(self) -> None: ...
+
+    def abandon(self, error: BaseException) -> None: ...
 
 
 class Worker:
@@ -52,6 +66,7 @@ class Worker:
         slot_fns: Sequence[Callable[[Any], Any]],
         *,
         is_async: bool,
+        streams: bool = False,
     ) -> None:
         self.backend = backend
         self.inbox = Inbox(backend.call_soon_threadsafe)  # requests from other threads
@@ -60,6 +75,7 @@ class Worker:
         self._scheduler = scheduler
         self._executor = executor
         self._is_async = is_async
+        self._streams = streams
         self._slots = [Slot(i, fn, None if is_async else self._new_runner(i)) for i, fn in enumerate(slot_fns)]
         self._idle = list(reversed(self._slots))  # pop() hands out slot 0 first
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -105,12 +121,18 @@ class Worker:
         slot.batch = batch
         if self._is_async:
             assert self._task_group is not None
-            self._task_group.start_soon(self._run_async, slot, batch)
+            run = self._run_stream_async if self._streams else self._run_async
+            self._task_group.start_soon(run, slot, batch)
             return
+        self._extend_deadline(slot)
+        assert slot.runner is not None
+        run_sync = self._run_stream_sync if self._streams else self._run_sync
+        slot.runner.submit(functools.partial(run_sync, slot, batch))
+
+    def _extend_deadline(self, slot: Slot) -> None:
+        """A run counts as hung past run_timeout_ms from its start (a stream: from its last step)."""
         run_timeout = self._scheduler.settings.run_timeout
         slot.deadline = None if run_timeout is None else clock() + run_timeout
-        assert slot.runner is not None
-        slot.runner.submit(functools.partial(self._run_sync, slot, batch))
 
     def _run_sync(self, slot: Slot, batch: Batch) -> None:
         """On the slot's thread: run the batch, hand the outcome to the loop."""
@@ -127,6 +149,44 @@ class Worker:
             self._scheduler.hung(batch, self._hung_error())
         else:
             self._finish(slot, batch, outcome)
+
+    def _run_stream_sync(self, slot: Slot, batch: Batch) -> None:
+        """On the slot's thread: iterate a generator model, handing each step's items to the loop."""
+
+        def emit(rows: list[Any]) -> bool:
+            try:
+                self.backend.call_soon_threadsafe(self._deliver, slot, batch, rows)
+            except RuntimeError:
+                return False  # the loop is gone
+            return any(r.state == RUNNING for r in batch.requests)  # read across threads: a hint only
+
+        outcome = self._executor.run_stream(slot.fn, batch.items, emit)
+        with contextlib.suppress(RuntimeError):
+            self.backend.call_soon_threadsafe(self._finish_stream, slot, batch, outcome)
+
+    async def _run_stream_async(self, slot: Slot, batch: Batch) -> None:
+        def emit(rows: list[Any]) -> bool:
+            self._deliver(slot, batch, rows)
+            return slot.batch is batch and any(r.state == RUNNING for r in batch.requests)
+
+        outcome = await self._executor.run_stream_async(slot.fn, batch.items, emit, self.backend.cancel_requested)
+        self._finish_stream(slot, batch, outcome)
+
+    def _deliver(self, slot: Slot, batch: Batch, rows: list[Any]) -> None:
+        if slot.batch is not batch:
+            return  # a run given up on
+        if not self._is_async:
+            self._extend_deadline(slot)
+        self._scheduler.deliver(batch.requests, rows, None)
+
+    def _finish_stream(self, slot: Slot, batch: Batch, outcome: Outcome) -> None:
+        if slot.batch is not batch:
+            return
+        self._release(slot)
+        self._scheduler.counters.run_time.add(outcome.seconds)
+        self._scheduler.end_streams(batch, outcome.error)
+        if not self.retired:
+            self._dispatch(clock())
 
     def _finish(self, slot: Slot, batch: Batch, outcome: Outcome) -> None:
         """On the loop: a run is done. Learn from it, start the next batch, then answer its callers.
