@@ -275,8 +275,12 @@ class AutoCollate:
         self.views = views
 
     def key(self, item: Any) -> Hashable:
-        if type(item) is np.ndarray:  # the hot path, first
+        kind = type(item)
+        if kind is np.ndarray:  # the hot paths, first
             return ("numpy", item.shape, item.dtype)
+        torch = _torch()
+        if torch is not None and kind is torch.Tensor:  # torch.Size hashes and compares as the tuple
+            return ("torch", item.shape, item.dtype, item.device, item.layout)
         return _tree_key(item, "input")
 
     def collate(self, items: list[Any]) -> Any:
