@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 # The pages of the site's guide; design.md, torch.md and scheduling.md are design notes.
 GUIDE = ["index.md", "getting-started.md", "concepts.md", "tuning.md", "sync.md", "integrations.md", "observability.md"]
-GUIDE += ["faq.md", "reference.md", "changelog.md"]
+GUIDE += ["streaming.md", "faq.md", "reference.md", "changelog.md"]
 PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 SNIPPET = re.compile(r'^--8<-- "([^":]+)(?::([\w-]+))?"$')
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 README_SNIPPET = re.compile(r"^<!-- snippet: ([^:\s]+):([\w-]+) -->\n```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
-TESTS_THAT_RUN_EXAMPLES = ["test_examples.py", "test_fastapi.py", "test_ray.py"]
+TESTS_THAT_RUN_EXAMPLES = ["test_examples.py", "test_fastapi.py", "test_ray.py", "test_streaming_app.py"]
 TORCH_PIN = "torch==2.13.0"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
@@ -139,8 +139,9 @@ def check_command(words: list[str], extras: set[str], tested: str) -> None:
         assert all((ROOT / p).is_file() for p in paths), words
     elif program == "curl":
         (url,) = [a for a in args if a.startswith("localhost:")]
-        route = url.split("/", 1)[1]
-        assert f'("/{route}")' in (ROOT / "examples/fastapi_app.py").read_text(), words
+        route = url.split("/", 1)[1].split("?")[0]
+        served = [(ROOT / "examples" / app).read_text() for app in ("fastapi_app.py", "streaming_app.py")]
+        assert any(f'("/{route}"' in source for source in served), words
     elif program == "uvicorn":
         app_dir = args[args.index("--app-dir") + 1]
         (target,) = [a for a in args if ":" in a]

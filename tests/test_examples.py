@@ -86,3 +86,10 @@ def test_metrics_example() -> None:
     out = run_example("metrics.py")
     assert "100 requests, 100 completed, 0 failed" in out, out
     assert 'batchkit_completed_total{batcher="doubler"} 100.0' in out, out
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_generator_stream_example(backend: str) -> None:
+    out = run_example("generator_stream.py", backend)
+    assert "countdown 1: [1]\ncountdown 3: [3, 2, 1]\ncountdown 5: [5, 4, 3, 2, 1]\n" in out, out
+    assert "5 streams, 0 failed" in out, out
