@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import sys
 import time
+import types
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any
 
@@ -131,7 +132,7 @@ class Executor:
                 outcome.lone_oom = outcome.lone_oom or len(items) == 1
             if top:
                 raise
-            return [Failed(exc)] * len(items)
+            return [Failed(_settled(exc))] * len(items)
         if outcome.fit is not None:
             outcome.fit = max(outcome.fit, len(items))
         return list(outputs[: len(items)])
@@ -141,6 +142,8 @@ class Executor:
         outcome = Outcome()
         start = time.perf_counter()
         plan = self._plan(items, outcome, top=True)
+        batch: Any = None
+        output: Any = None
         try:
             batch = next(plan)
             while True:
@@ -153,9 +156,14 @@ class Executor:
         except StopIteration as done:
             outcome.outputs = done.value
         except BaseException as exc:
-            outcome.error = exc
+            outcome.error = _settled(exc)
+        finally:
+            plan.close()
         outcome.seconds = time.perf_counter() - start
-        return outcome
+        try:
+            return outcome
+        finally:
+            del outcome, plan, batch, output  # see _RELEASE
 
     def run_stream(self, fn: Callable[[Any], Any], items: list[Any], emit: Emit) -> Outcome:
         """Iterate a generator model on this thread, emitting each step's items; never raises.
@@ -166,6 +174,9 @@ class Executor:
         start = time.perf_counter()
         collator = self._collator
         padded = self._pad(items)
+        batch: Any = None
+        steps: Any = None
+        output: Any = None
         try:
             batch = collator.collate(padded)
             steps = fn(batch)
@@ -176,9 +187,12 @@ class Executor:
             finally:
                 steps.close()
         except BaseException as exc:
-            outcome.error = answerable(exc)
+            outcome.error = _settled(answerable(exc))
         outcome.seconds = time.perf_counter() - start
-        return outcome
+        try:
+            return outcome
+        finally:
+            del outcome, batch, steps, output  # see _RELEASE
 
     async def run_stream_async(
         self, fn: Callable[[Any], Any], items: list[Any], emit: Emit, cancel_requested: Callable[[], bool]
@@ -189,6 +203,9 @@ class Executor:
         start = time.perf_counter()
         collator = self._collator
         padded = self._pad(items)
+        batch: Any = None
+        steps: Any = None
+        output: Any = None
         try:
             batch = collator.collate(padded)
             steps = fn(batch)
@@ -201,11 +218,14 @@ class Executor:
         except cancelled as exc:
             if cancel_requested():
                 raise
-            outcome.error = _stray_cancellation(exc)
+            outcome.error = _settled(_stray_cancellation(exc))
         except BaseException as exc:
-            outcome.error = answerable(exc)
+            outcome.error = _settled(answerable(exc))
         outcome.seconds = time.perf_counter() - start
-        return outcome
+        try:
+            return outcome
+        finally:
+            del outcome, batch, steps, output  # see _RELEASE
 
     async def run_async(
         self, fn: Callable[[Any], Awaitable[Any]], items: list[Any], cancel_requested: Callable[[], bool]
@@ -222,6 +242,8 @@ class Executor:
         outcome = Outcome()
         start = time.perf_counter()
         plan = self._plan(items, outcome, top=True)
+        batch: Any = None
+        output: Any = None
         try:
             batch = next(plan)
             while True:
@@ -240,13 +262,16 @@ class Executor:
         except cancelled as exc:
             if cancel_requested():
                 raise
-            outcome.error = _stray_cancellation(exc)
+            outcome.error = _settled(_stray_cancellation(exc))
         except BaseException as exc:
-            outcome.error = exc
+            outcome.error = _settled(exc)
         finally:
             plan.close()
         outcome.seconds = time.perf_counter() - start
-        return outcome
+        try:
+            return outcome
+        finally:
+            del outcome, plan, batch, output  # see _RELEASE
 
 
 class ModelCancelledError(RuntimeError):
@@ -262,6 +287,40 @@ def _rows(collator: Collator, output: Any, n: int, padded: int, batch: Any) -> l
     if len(rows) != padded:
         raise mismatch_error(len(rows), padded)
     return list(rows[:n])
+
+
+_HERE = __file__
+
+_RELEASE = """The frame that calls the model is linked from the model's own frame (``f_back``),
+which a failed batch's traceback keeps. So those frames drop their locals before
+returning, and their own entries are taken out of the traceback (``_settled``):
+an error answer then leaves no reference cycle (outcome -> error -> traceback ->
+frame -> outcome) for the cycle collector, and keeps no batch alive after its
+callers let go of the error."""
+
+
+def _settled(error: BaseException, depth: int = 0) -> BaseException:
+    """``error`` with this module's frames taken out of its traceback (and its causes').
+
+    Those frames hold the batch's ``Outcome``, which holds the error: a reference
+    cycle per failed batch that only the cycle collector would free, keeping the
+    batch's inputs alive until it runs. What is left starts at the model's frames.
+    """
+    kept = []
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename != _HERE:
+            kept.append(tb)
+        tb = tb.tb_next
+    rebuilt = None
+    for entry in reversed(kept):
+        rebuilt = types.TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    error.__traceback__ = rebuilt
+    if depth < 8:
+        for linked in (error.__cause__, error.__context__):
+            if linked is not None:
+                _settled(linked, depth + 1)
+    return error
 
 
 def answerable(error: BaseException) -> BaseException:

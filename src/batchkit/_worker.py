@@ -139,6 +139,7 @@ class Worker:
         outcome = self._executor.run(slot.fn, batch.items)
         with contextlib.suppress(RuntimeError):  # the event loop is gone, and its callers with it
             self.backend.call_soon_threadsafe(self._finish, slot, batch, outcome)
+        del outcome, batch  # a failed model's frames link back here: hold nothing (see _execute._RELEASE)
 
     async def _run_async(self, slot: Slot, batch: Batch) -> None:
         outcome: Outcome | None = None
@@ -149,6 +150,7 @@ class Worker:
             self._scheduler.hung(batch, self._hung_error())
         else:
             self._finish(slot, batch, outcome)
+        del outcome, batch  # see _run_sync
 
     def _run_stream_sync(self, slot: Slot, batch: Batch) -> None:
         """On the slot's thread: iterate a generator model, handing each step's items to the loop."""
@@ -163,6 +165,7 @@ class Worker:
         outcome = self._executor.run_stream(slot.fn, batch.items, emit)
         with contextlib.suppress(RuntimeError):
             self.backend.call_soon_threadsafe(self._finish_stream, slot, batch, outcome)
+        del outcome, emit  # see _run_sync
 
     async def _run_stream_async(self, slot: Slot, batch: Batch) -> None:
         def emit(rows: list[Any]) -> bool:
@@ -171,6 +174,7 @@ class Worker:
 
         outcome = await self._executor.run_stream_async(slot.fn, batch.items, emit, self.backend.cancel_requested)
         self._finish_stream(slot, batch, outcome)
+        del outcome, emit  # see _run_sync
 
     def _deliver(self, slot: Slot, batch: Batch, rows: list[Any]) -> None:
         if slot.batch is not batch:
