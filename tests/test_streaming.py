@@ -315,3 +315,132 @@ async def test_misuse_is_refused_clearly() -> None:
         async with batchkit.Batcher(model, collate=None) as streaming:
             with pytest.raises(TypeError, match="streams its outputs"):
                 streaming.submit_threadsafe(1)
+
+
+# -- regressions from the streaming review -------------------------------------------------------
+
+
+class Endless:
+    """Rows never finish by themselves; records the rows handed to join() and step()."""
+
+    def __init__(self, step_s: float = 0.0) -> None:
+        self.step_s = step_s
+        self.joined: list[int] = []
+        self.stepped: list[int] = []
+
+    def start(self, inputs: list[Any]) -> list[Any]:
+        return list(inputs)
+
+    def join(self, a: list[Any], b: list[Any]) -> list[Any]:
+        self.joined.append(len(a) + len(b))
+        return a + b
+
+    def select(self, state: list[Any], rows: list[int]) -> list[Any]:
+        return [state[i] for i in rows]
+
+    def step(self, state: list[Any]) -> tuple[list[Any], list[bool]]:
+        self.stepped.append(len(state))
+        time.sleep(self.step_s)
+        return list(state), [False] * len(state)
+
+
+@pytest.mark.anyio
+async def test_rows_that_left_are_selected_away_before_newcomers_join() -> None:
+    """An expired row's place goes to a queued request: join() never sees more than max_batch_size rows."""
+    model = Endless(step_s=0.05)
+
+    async def read(x: str, seconds: float, timeout_ms: float | None = None) -> None:
+        with anyio.move_on_after(seconds), contextlib.suppress(batchkit.RequestTimeoutError):
+            async for _ in batcher.stream(x, timeout_ms=timeout_ms):
+                pass
+
+    with anyio.fail_after(30):
+        async with batchkit.StepBatcher(model, max_batch_size=2, max_wait_ms=1) as batcher:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read, "a", 0.6)
+                tg.start_soon(read, "b", 0.6, 120)  # expires mid-step
+                await wait_until(lambda: len(model.stepped) >= 1)
+                tg.start_soon(read, "c", 0.3)  # queued: the state is full until b leaves
+    assert model.joined, "c never joined"
+    assert max(model.joined) <= 2
+    assert max(model.stepped) <= 2
+
+
+@pytest.mark.anyio
+async def test_run_timeout_bounds_each_step_of_an_async_generator() -> None:
+    async def model(batch: list[int]) -> Any:
+        yield batch
+        await anyio.sleep(30)  # a step that hangs
+        yield batch
+
+    items: list[int] = []
+    with anyio.fail_after(20):
+        async with batchkit.Batcher(model, collate=None, max_wait_ms=0, run_timeout_ms=200) as batcher:
+            with pytest.raises(batchkit.ModelTimeoutError):
+                await _collect(batcher.stream(1), items)
+            assert items == [1]
+            assert batcher.stats().hung_batches == 1
+
+
+class Scaler:
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    @batchkit.batch(collate=None, max_wait_ms=5)
+    def sync_steps(self, batch: list[int]) -> Iterator[list[int]]:
+        for step in range(3):
+            yield [x * self.factor + step for x in batch]
+
+    @batchkit.batch(collate=None, max_wait_ms=5)
+    async def async_steps(self, batch: list[int]) -> Any:
+        for step in range(2):
+            await anyio.lowlevel.checkpoint()
+            yield [x * self.factor + step for x in batch]
+
+
+@pytest.mark.anyio
+async def test_generator_methods_stream_like_generator_functions() -> None:
+    scaler = Scaler(10)
+    with anyio.fail_after(20):
+        assert await scaler.sync_steps(1) == [10, 11, 12]
+        assert [item async for item in scaler.async_steps.stream(2)] == [20, 21]
+
+
+def test_a_step_thread_stops_when_its_loop_is_closed_without_cleanup() -> None:
+    import asyncio
+    import logging
+
+    model = Endless(step_s=0.001)
+    batcher = batchkit.StepBatcher(model, max_batch_size=4, max_wait_ms=1, name="orphaned-steps")
+
+    async def start() -> Any:
+        stream = batcher.stream(1)
+        await asyncio.wait_for(stream.__anext__(), 5)
+        return stream
+
+    logging.disable(logging.CRITICAL)  # the pending tasks of the closed loop
+    try:
+        loop = asyncio.new_event_loop()
+        kept = loop.run_until_complete(start())
+        loop.close()  # no aclose(), no task cancellation
+        time.sleep(0.1)
+        before = len(model.stepped)
+        time.sleep(0.3)
+        assert len(model.stepped) - before <= 1  # at most the step under way
+        deadline = time.monotonic() + 5
+        while any(t.name.startswith("batchkit-orphaned") for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "the step thread never stopped"
+            time.sleep(0.01)
+        del kept
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@pytest.mark.anyio
+async def test_aclose_returns_after_the_step_thread_has_exited() -> None:
+    for _ in range(10):
+        batcher = batchkit.StepBatcher(Counter(), max_batch_size=4, max_wait_ms=0, name="joined-steps")
+        with anyio.fail_after(10):
+            async with batcher:
+                assert await batcher.predict(3) == alone(3)
+        assert not [t for t in threading.enumerate() if t.name.startswith("batchkit-joined-steps")]
