@@ -260,3 +260,95 @@ def test_plot_draws_markers_for_blocking_and_unreached_cells(tmp_path: Path) -> 
 
 def test_an_unreachable_open_loop_rate_is_detected() -> None:
     assert generator_reach(1e9) < REACH  # a billion arrivals a second: beyond any event loop
+
+
+# -- --scenario generate: a step model served five ways ---------------------------------------------
+
+GENERATE = ["--scenario", "generate", "--threads", "1", "--warmup", "0.05", "--duration", "0.2", "--reference", "1:8"]
+
+
+def test_generate_scenario_runs_every_variant_and_answers_each_request_exactly(tmp_path: Path) -> None:
+    from batchkit.bench._generate import GENERATE_FAMILIES, available
+
+    assert main([*GENERATE, "--closed", "8", "--open", "0.5", "--out", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["scenario"] == "generate"
+    assert document["model"]["parameters"] > 0
+    assert document["settings"]["open_loop_capacity_rps"] > 0
+    families, skipped = available(GENERATE_FAMILIES)
+    assert set(document["skipped"]) == set(skipped)
+    cells = document["results"]
+    assert {c["family"] for c in cells} == set(families)
+    for family in families:
+        assert {c["load_kind"] for c in cells if c["family"] == family} == {"closed", "open"}, family
+    for cell in cells:
+        assert cell["wrong"] == 0, cell  # every request got exactly its own items, in order
+        assert cell["errors"] == 0, cell
+        assert cell["requests"] > 0, cell
+        assert cell["tokens_per_s"] >= cell["throughput"] > 0, cell
+        assert 0 <= cell["first_p50_ms"] <= cell["p50_ms"], cell
+        assert cell["first_p99_ms"] <= cell["p99_ms"], cell
+        assert cell["lag_p99_ms"] is not None, cell
+        assert cell["mean_rows"] >= 1.0 or cell["family"] == "naive-thread", cell
+    text = (tmp_path / "results.md").read_text()
+    assert "| step[w=1,b=8] | closed 8 |" in text
+    assert "target >= 3x" in text
+    assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("family", ["naive-thread", "request", "stream", "ray-serve-stream", "step"])
+def test_each_generate_variant_streams_every_caller_its_own_items(family: str) -> None:
+    import asyncio
+
+    from batchkit.bench._generate import SERVES, available
+    from batchkit.bench._gru import GRU, Prompt
+    from batchkit.bench._variants import Setting
+
+    if not available((family,))[0]:
+        pytest.skip(f"{family} is not installed")
+    model = GRU(hidden=16, vocab=32)
+    prompts = [Prompt(tag=tag, token=tag % 32, length=length) for tag, length in enumerate([1, 5, 40, 2, 17, 1, 9])]
+    alone = {p.tag: model.generate([p])[0] for p in prompts}
+
+    async def main() -> dict[int, list[Any]]:
+        got: dict[int, list[Any]] = {}
+
+        async def collect(stream: Any, prompt: Prompt) -> None:
+            got[prompt.tag] = [item async for item in stream(prompt)]
+
+        async with SERVES[family](model, Setting(1.0, 4)) as stream:
+            await asyncio.gather(*(collect(stream, p) for p in prompts))
+        return got
+
+    got = asyncio.run(main())
+    for prompt in prompts:
+        assert [(tag, index) for tag, index, _ in got[prompt.tag]] == prompt.expected()
+        assert got[prompt.tag] == alone[prompt.tag]  # tiny float32 model: the same tokens as generated alone
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["--scenario", "generate", "--variants", "batchkit"], "has no variants batchkit"),
+        (["--scenario", "generate", "--settings", "0:8"], "--settings is for --scenario serve"),
+        (["--scenario", "generate", "--model", "mlp"], "runs its own GRU"),
+        (["--variants", "step"], "are for --scenario generate"),
+        (["--scenario", "talk"], "invalid choice"),
+    ],
+)
+def test_generate_options_are_checked(argv: list[str], reason: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        make_plan(argv)
+    assert exited.value.code == 2
+    assert reason in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_generate_quick_plan() -> None:
+    plan = make_plan(["--scenario", "generate", "--quick"])
+    assert (plan.scenario, plan.closed, plan.open_fractions, plan.reference.label) == (
+        "generate",
+        (64,),
+        (0.8,),
+        "w=2,b=32",
+    )
+    assert plan.warmup_s + plan.duration_s <= 1.5

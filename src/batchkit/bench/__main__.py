@@ -3,6 +3,7 @@
 ```bash
 batchkit bench                 # the full run, about 5 minutes on 2 CPU cores
 batchkit bench --quick         # about 30 seconds
+batchkit bench --scenario generate --quick   # a model that answers in steps: step-level batching, under a minute
 python -m batchkit.bench --model tiny --variants batchkit,floor --closed 1,64 --out /tmp/b
 ```
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._extras import require
+from ._generate import GENERATE_FAMILIES, GenPlan, run_generate
 from ._loads import HEARTBEAT_S, Load, Trace, generator_reach, run_load, run_offline
 from ._model import MODELS, Model, configure_threads, pick_device
 from ._peers import PEERS, peer_variants
@@ -35,6 +37,7 @@ __all__ = ["cli", "main"]
 
 CORE = ("naive-inline", "naive-thread", "batchkit", "floor", "offline-ideal")
 FAMILIES = (*CORE, *PEERS)
+SCENARIOS = ("serve", "generate")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Plan:
     warmup_s: float
     duration_s: float
     out: Path
+    scenario: str = "serve"
 
 
 # Option types: each turns the text into a value or raises ArgumentTypeError (a one-line error).
@@ -122,8 +126,9 @@ def _fixed_setting(text: str) -> Setting:
 
 
 def _family(text: str) -> str:
-    if text not in FAMILIES:
-        raise argparse.ArgumentTypeError(f"unknown variants: {text} (choose from {', '.join(FAMILIES)})")
+    if text not in FAMILIES and text not in GENERATE_FAMILIES:
+        known = ", ".join(dict.fromkeys((*FAMILIES, *GENERATE_FAMILIES)))
+        raise argparse.ArgumentTypeError(f"unknown variants: {text} (choose from {known})")
     return text
 
 
@@ -140,21 +145,36 @@ def _parser(prog: str = "batchkit bench") -> argparse.ArgumentParser:
 def _add_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--quick", action="store_true", help="short loads, fewer settings: about 30 s on 2 CPU cores")
+    add(
+        "--scenario",
+        choices=SCENARIOS,
+        default="serve",
+        help="serve: one-shot requests (default); generate: a GRU answering in 1-256 steps, step-level batching",
+    )
     add("--model", choices=["auto", *MODELS], default="auto", help="auto: large on CUDA, else mlp")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add("--threads", type=_positive_int, help="torch intra-op threads (default: CPU cores - 1)")
-    add("--variants", type=_list_of(_family), help=f"comma-separated, from: {', '.join(FAMILIES)} (default: all)")
+    add(
+        "--variants",
+        type=_list_of(_family),
+        help=f"comma-separated, from: {', '.join(FAMILIES)}; generate: {', '.join(GENERATE_FAMILIES)} (default: all)",
+    )
     add(
         "--settings",
         type=_list_of(_setting),
         help="batchkit settings as wait_ms:batch_size,... ('auto' wait allowed; default 0:64,2:64,auto:64,5:256)",
     )
-    add("--reference", type=_fixed_setting, default="2:64", help="setting of the floor and peers (default 2:64)")
-    add("--closed", type=_list_of(_positive_int), help="closed-loop concurrencies (default 1,16,64,256)")
+    add(
+        "--reference",
+        type=_fixed_setting,
+        help="setting of the floor and peers (default 2:64); generate: of every batching variant (default 2:32)",
+    )
+    add("--closed", type=_list_of(_positive_int), help="closed-loop concurrencies (default 1,16,64,256; generate: 64)")
     add(
         "--open",
         type=_list_of(_positive_float),
-        help="open-loop rates, as fractions of offline capacity (default 0.25,0.5,0.8)",
+        help="open-loop rates, as fractions of offline capacity (default 0.25,0.5,0.8); generate: of request-level "
+        "batching's saturation throughput (default 0.5,0.8)",
     )
     add("--rates", type=_list_of(_positive_float), help="open-loop rates in requests/s (replaces --open)")
     add("--warmup", type=_non_negative_float, help="seconds before measuring each cell (default 0.5)")
@@ -171,6 +191,8 @@ def make_plan(argv: Sequence[str] | None) -> Plan:
     parser = _parser()
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.scenario == "generate":
+        return _generate_plan(parser, args)
     settings = args.settings or _list_of(_setting)("0:64,2:64" if quick else "0:64,2:64,auto:64,5:256")
     plan = Plan(
         model=args.model,
@@ -178,7 +200,7 @@ def make_plan(argv: Sequence[str] | None) -> Plan:
         threads=args.threads,
         families=args.variants or FAMILIES,
         settings=settings,
-        reference=args.reference,
+        reference=args.reference or Setting.parse("2:64"),
         closed=_or(args.closed, (1, 256) if quick else (1, 16, 64, 256)),
         open_fractions=_or(args.open, (0.5,) if quick else (0.25, 0.5, 0.8)),
         open_rates=_or(args.rates, ()),
@@ -186,10 +208,63 @@ def make_plan(argv: Sequence[str] | None) -> Plan:
         duration_s=args.duration if args.duration is not None else (0.5 if quick else 2.0),
         out=args.out,
     )
+    foreign = [f for f in plan.families if f not in FAMILIES]
+    if foreign:
+        parser.error(f"variants {', '.join(foreign)} are for --scenario generate")
     served = set(plan.families) - {"offline-ideal"}
     if served and not (plan.closed or plan.open_fractions or plan.open_rates):
         parser.error("no load to measure: give --closed, --open or --rates")
     return plan
+
+
+def _generate_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Plan:
+    """The plan of ``--scenario generate``: its own variants, loads and durations."""
+    quick = args.quick
+    families = args.variants or GENERATE_FAMILIES
+    foreign = [f for f in families if f not in GENERATE_FAMILIES]
+    if foreign:
+        parser.error(
+            f"--scenario generate has no variants {', '.join(foreign)} (it has {', '.join(GENERATE_FAMILIES)})"
+        )
+    if args.settings is not None:
+        parser.error("--settings is for --scenario serve; generate batches at --reference")
+    if args.model != "auto" or args.device == "cuda":
+        parser.error("--scenario generate runs its own GRU on the CPU: no --model, no --device cuda")
+    plan = Plan(
+        model="gru",
+        device="cpu",
+        threads=args.threads,
+        families=families,
+        settings=(),
+        reference=args.reference or Setting.parse("2:32"),
+        closed=_or(args.closed, (64,)),
+        open_fractions=_or(args.open, (0.8,) if quick else (0.5, 0.8)),
+        open_rates=_or(args.rates, ()),
+        warmup_s=args.warmup if args.warmup is not None else (0.3 if quick else 1.0),
+        duration_s=args.duration if args.duration is not None else (1.0 if quick else 5.0),
+        out=args.out,
+        scenario="generate",
+    )
+    if not (plan.closed or plan.open_fractions or plan.open_rates):
+        parser.error("no load to measure: give --closed, --open or --rates")
+    return plan
+
+
+def generate(plan: Plan, console: Console) -> None:
+    """Run ``--scenario generate``."""
+    threads = configure_threads(plan.threads)
+    gen_plan = GenPlan(
+        families=plan.families,
+        reference=plan.reference,
+        closed=plan.closed,
+        open_fractions=plan.open_fractions,
+        open_rates=plan.open_rates,
+        warmup_s=plan.warmup_s,
+        duration_s=plan.duration_s,
+        threads=threads,
+        out=plan.out,
+    )
+    run_generate(gen_plan, console)
 
 
 def _variants(plan: Plan) -> tuple[list[Variant], dict[str, str]]:
@@ -347,7 +422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _require_extras()
     from rich.console import Console
 
-    run(plan, Console(width=None if sys.stdout.isatty() else 150))
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    if plan.scenario == "generate":
+        generate(plan, console)
+    else:
+        run(plan, console)
     return 0
 
 
