@@ -21,7 +21,7 @@ import inspect
 import logging
 import sys
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 import anyio
@@ -89,6 +89,19 @@ def _weak_method(function: Callable[..., Any], instance: object, is_async: bool)
             raise ReferenceError(f"the instance whose {name} this batcher served has been collected")
         return obj
 
+    if inspect.isasyncgenfunction(function):
+
+        async def bound_async_steps(batch: Any) -> Any:
+            async for items in function(target(), batch):
+                yield items
+
+        return bound_async_steps
+    if inspect.isgeneratorfunction(function):
+
+        def bound_steps(batch: Any) -> Any:
+            yield from function(target(), batch)
+
+        return bound_steps
     if is_async:
 
         async def bound_async(batch: Any) -> Any:
@@ -441,7 +454,9 @@ class Batcher(Generic[InT, OutT]):
 
     __call__ = predict
 
-    async def stream(self, x: InT, *, timeout_ms: float | None = None, priority: float = 0) -> AsyncIterator[OutT]:
+    async def stream(
+        self, x: InT, *, timeout_ms: float | None = None, priority: float = 0
+    ) -> AsyncGenerator[OutT, None]:
         """Send one input and iterate over its own items as the generator model yields them.
 
         ```python
@@ -473,7 +488,7 @@ class Batcher(Generic[InT, OutT]):
 
     async def _items(
         self, x: InT, timeout_ms: float | None, priority: float, buffer: int | None
-    ) -> AsyncIterator[OutT]:
+    ) -> AsyncGenerator[OutT, None]:
         worker = self._worker
         if worker is None or not worker.backend.is_current():
             worker = self._start_for_call()

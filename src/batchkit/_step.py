@@ -156,6 +156,8 @@ class StepWorker:
         self._admitted: deque[Batch] = deque()  # handed to the step thread
         self._signal = threading.Event()  # wakes the idle step thread
         self._stopping = False
+        self._orphaned = False  # the loop is gone: the step thread drops everything and exits
+        self._drained = False
         self._runner = ThreadRunner(name=f"batchkit-{scheduler.name}-steps")
         self._runner.submit(self._steps)
 
@@ -184,6 +186,7 @@ class StepWorker:
                     self._signal.set()
                     continue
             if scheduler.closing and not scheduler.pending and not counters.in_flight:
+                self._drained = True
                 return  # drained: every admitted row has run to its end
             await scheduler.sleep(can_start=room > 0)
 
@@ -206,11 +209,14 @@ class StepWorker:
         scheduler.fail_queued(error)
         self._stopping = True
         self._signal.set()
-        self._runner.stop(join=False)  # the thread exits once its rows are dropped
+        # Drained, the thread is idle and exits at once: join it. Otherwise it may be in a long
+        # step: it exits after that step, with its rows dropped.
+        self._runner.stop(join=self._drained)
         self.done.set()
 
     def abandon(self, error: BaseException) -> None:
         """The loop is gone (the scheduler is detached): fail what is held, stop the thread."""
+        self._orphaned = True
         self._stop(error)
 
     # -- on the step thread ------------------------------------------------------------
@@ -218,14 +224,17 @@ class StepWorker:
     def _post(self, call: Any, *args: Any) -> None:
         try:
             self.backend.call_soon_threadsafe(call, *args)
-        except RuntimeError:  # the loop is gone: nobody to deliver to
-            self._stopping = True
+        except RuntimeError:  # the loop is gone: nobody to deliver to, stop stepping
+            self._orphaned = True
 
     def _steps(self) -> None:
         model = self._model
         rows: list[Request] = []
         state: Any = None
-        while True:
+        while not self._orphaned:
+            # Rows that left (cancelled, past their deadline) go before newcomers join, so the
+            # state never holds more than max_batch_size rows.
+            rows, state = self._keep(rows, state, [i for i, r in enumerate(rows) if r.state == RUNNING])
             while self._admitted:
                 batch = self._admitted.popleft()
                 try:
@@ -241,7 +250,6 @@ class StepWorker:
                     continue
                 rows.extend(batch.requests)
             try:
-                rows, state = self._keep(rows, state, [i for i, r in enumerate(rows) if r.state == RUNNING])
                 if not rows:
                     self._signal.clear()
                     if self._admitted:
@@ -261,6 +269,8 @@ class StepWorker:
             except BaseException as error:
                 self._post(self._on_failure, rows, answerable(error))
                 rows, state = [], None
+
+        self._runner.stop(join=False)  # orphaned: nobody else will tell this thread to end
 
     def _keep(self, rows: list[Request], state: Any, keep: list[int]) -> tuple[list[Request], Any]:
         if len(keep) == len(rows):

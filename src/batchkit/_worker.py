@@ -168,12 +168,24 @@ class Worker:
         del outcome, emit  # see _run_sync
 
     async def _run_stream_async(self, slot: Slot, batch: Batch) -> None:
-        def emit(rows: list[Any]) -> bool:
-            self._deliver(slot, batch, rows)
-            return slot.batch is batch and any(r.state == RUNNING for r in batch.requests)
+        run_timeout = self._scheduler.settings.run_timeout
+        outcome: Outcome | None = None
+        with anyio.CancelScope() as scope:
 
-        outcome = await self._executor.run_stream_async(slot.fn, batch.items, emit, self.backend.cancel_requested)
-        self._finish_stream(slot, batch, outcome)
+            def emit(rows: list[Any]) -> bool:
+                if run_timeout is not None:  # each step gets run_timeout_ms
+                    scope.deadline = anyio.current_time() + run_timeout
+                self._deliver(slot, batch, rows)
+                return slot.batch is batch and any(r.state == RUNNING for r in batch.requests)
+
+            if run_timeout is not None:
+                scope.deadline = anyio.current_time() + run_timeout
+            outcome = await self._executor.run_stream_async(slot.fn, batch.items, emit, self.backend.cancel_requested)
+        if outcome is None:  # a step ran past run_timeout_ms
+            self._release(slot)
+            self._scheduler.hung(batch, self._hung_error())
+        else:
+            self._finish_stream(slot, batch, outcome)
         del outcome, emit  # see _run_sync
 
     def _deliver(self, slot: Slot, batch: Batch, rows: list[Any]) -> None:
