@@ -192,7 +192,9 @@ async def test_a_hung_sync_model_fails_its_batch_and_the_batcher_recovers(no_thr
             release.wait(timeout=30)
         return batch
 
-    async with batchkit.Batcher(model, max_batch_size=4, max_wait_ms=1, run_timeout_ms=50, collate=None) as batcher:
+    async with batchkit.Batcher(
+        model, max_batch_size=4, max_wait_ms=1, run_timeout_ms=50, collate=None, replace_hung=True
+    ) as batcher:
         with pytest.raises(batchkit.ModelTimeoutError, match="run_timeout_ms=50") as info:
             await batcher.predict("hang")
         assert isinstance(info.value, TimeoutError)

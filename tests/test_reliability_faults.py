@@ -277,7 +277,7 @@ async def test_hung_sync_batches_time_out_and_the_batcher_recovers_each_time() -
 
     name = "hangs"
     async with batchkit.Batcher[Any, Any](
-        model, max_batch_size=4, max_wait_ms=1, run_timeout_ms=40, collate=None, name=name
+        model, max_batch_size=4, max_wait_ms=1, run_timeout_ms=40, collate=None, name=name, replace_hung=True
     ) as batcher:
         with anyio.fail_after(10):
             for round_ in range(3):
@@ -316,7 +316,7 @@ async def test_aclose_does_not_wait_for_a_hung_batch_beyond_run_timeout() -> Non
 
     name = "hung-close"
     batcher: batchkit.Batcher[str, str] = batchkit.Batcher(
-        model, max_batch_size=1, max_wait_ms=0, run_timeout_ms=50, collate=None, name=name
+        model, max_batch_size=1, max_wait_ms=0, run_timeout_ms=50, collate=None, name=name, replace_hung=True
     )
     outcomes: dict[str, Outcome] = {}
 

@@ -148,7 +148,13 @@ class Batcher(Generic[InT, OutT]):
         on_error: ``"isolate"`` bisects a batch whose model call raised, so that
             only the inputs that fail on their own get the error.
         run_timeout_ms: a batch running longer fails with ``ModelTimeoutError``
-            (a synchronous model's thread is replaced, an async one cancelled).
+            (an async model is cancelled). A synchronous call cannot be
+            interrupted: its slot stays blocked until the call returns, so the
+            model is never called twice at once (``stats().blocked_slots``; the
+            batcher serves on with its other slots, if any).
+        replace_hung: with ``run_timeout_ms``, give a slot whose synchronous
+            run was given up on a fresh thread at once instead (only for models
+            that are safe to call while a previous call still runs).
         allowed_batch_sizes: pad every batch up to the next of these sizes
             (static shapes for compiled models); padded outputs are dropped.
         replicas: worker threads running a synchronous ``fn`` side by side.
@@ -162,6 +168,9 @@ class Batcher(Generic[InT, OutT]):
         max_batch_cost: the cost budget of one batch.
         priority_aging_ms: how much waiting one level of ``priority`` is worth
             (see ``predict``).
+        stream_buffer: for a generator ``fn``, the items buffered for one
+            ``stream()`` reader; one that falls that far behind is cut off with
+            ``StreamBufferFullError`` (the other rows never wait for it).
         name: shown in the worker thread's name and in logs.
 
     ``async with batcher:`` runs its worker inside the caller's task group and
@@ -197,6 +206,7 @@ class Batcher(Generic[InT, OutT]):
         max_batch_cost: float | None = None,
         priority_aging_ms: float = 1000.0,
         stream_buffer: int = 1024,
+        replace_hung: bool = False,
         name: str | None = None,
     ) -> None:
         if not callable(fn):
@@ -221,6 +231,7 @@ class Batcher(Generic[InT, OutT]):
             "max_batch_cost": max_batch_cost,
             "priority_aging_ms": priority_aging_ms,
             "stream_buffer": stream_buffer,
+            "replace_hung": replace_hung,
         }
         settings = Settings.build(is_async=self._is_async, **options)
         collator = make_collator(collate)

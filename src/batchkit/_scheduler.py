@@ -61,12 +61,13 @@ _FLUSH_MARGIN = 0.005  # the least time a batch is flushed ahead of what its ear
 class Batch:
     """Requests taken together for one model call, with their inputs."""
 
-    __slots__ = ("deadline", "items", "requests")
+    __slots__ = ("deadline", "items", "requests", "started_at")
 
-    def __init__(self, requests: list[Request], items: list[Any], deadline: float) -> None:
+    def __init__(self, requests: list[Request], items: list[Any], deadline: float, started_at: float) -> None:
         self.requests = requests
         self.items = items
         self.deadline = deadline  # the earliest deadline of a request still waiting
+        self.started_at = started_at
 
 
 def _copies(error: BaseException, n: int) -> list[BaseException]:
@@ -129,6 +130,8 @@ class Scheduler:
         self.limit = settings.limit  # the largest batch to form now (OOM cap included)
         self._backend: Backend | None = None
         self._running: set[Batch] = set()
+        self._blocked: set[Batch] = set()  # hung batches whose slot waits for the call to return
+        self._oldest_queued = math.inf  # arrival of the oldest queued request, as of the last look
         self._wakeup: anyio.Event | None = None  # set while the worker sleeps
         self._wake_size: float = 1  # a push wakes the sleeping worker when its group reaches this size
         self._sleep_until = math.inf  # when the sleeping worker wakes anyway
@@ -201,6 +204,8 @@ class Scheduler:
         except BaseException:
             counters.failed += 1
             raise
+        if not queue.live:
+            self._oldest_queued = now
         group = queue.push(request, plain)
         wakeup = self._wakeup
         if wakeup is not None and (
@@ -308,7 +313,7 @@ class Scheduler:
         counters.batches += 1
         size = len(taken)
         counters.batch_sizes[size] = counters.batch_sizes.get(size, 0) + 1
-        batch = Batch(taken, items, deadline)
+        batch = Batch(taken, items, deadline, now)
         self._running.add(batch)
         return batch
 
@@ -316,11 +321,13 @@ class Scheduler:
         """The key of the group to flush now (the one whose oldest request is oldest), or ``_NO_GROUP``."""
         best_key: Hashable = _NO_GROUP
         best_time = math.inf
+        oldest = math.inf
         flush_at = math.inf
         limit = self.limit
         max_cost = self.settings.max_batch_cost
         for key, group in self._queue.groups():
             head = group.oldest()
+            oldest = min(oldest, head.enqueued_at)
             if due_now or self.closing or group.live >= limit or (max_cost is not None and group.cost >= max_cost):
                 due = now
             else:
@@ -338,6 +345,7 @@ class Scheduler:
             elif due < flush_at:
                 flush_at = due
         self._flush_at = flush_at
+        self._oldest_queued = oldest
         return best_key
 
     def expire(self, now: float) -> None:
@@ -473,10 +481,16 @@ class Scheduler:
         for batch in list(self._running):
             self.fail_batch(batch, error)
 
-    def hung(self, batch: Batch, error: BaseException) -> None:
-        """A batch ran past ``run_timeout_ms`` and was given up on."""
+    def hung(self, batch: Batch, error: BaseException, *, blocked: bool = False) -> None:
+        """A batch ran past ``run_timeout_ms`` and was given up on (``blocked``: its slot still waits)."""
         self.counters.hung += 1
         self.fail_batch(batch, error)
+        if blocked:
+            self._blocked.add(batch)
+
+    def unblocked(self, batch: Batch) -> None:
+        """The call of a hung batch returned: its slot is free again."""
+        self._blocked.discard(batch)
 
     def fail_queued(self, error: BaseException) -> int:
         """Answer every queued request with ``error`` (the worker stopped); returns how many."""
@@ -559,4 +573,14 @@ class Scheduler:
     # -- introspection -----------------------------------------------------------------
 
     def stats(self) -> BatcherStats:
-        return self.counters.snapshot(pending=self._queue.live, batch_size_limit=self.limit)
+        """A snapshot; safe from any thread (it copies, under the GIL, and never sorts)."""
+        now = clock()
+        pending = self._queue.live
+        started = [b.started_at for b in list(self._running) + list(self._blocked)]
+        return self.counters.snapshot(
+            pending=pending,
+            batch_size_limit=self.limit,
+            oldest_queued_ms=max(0.0, now - self._oldest_queued) * 1000 if pending else 0.0,
+            oldest_running_ms=(now - min(started)) * 1000 if started else 0.0,
+            blocked_slots=len(self._blocked),
+        )

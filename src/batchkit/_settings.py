@@ -36,6 +36,7 @@ class ModuleBatcherOptions(TypedDict, total=False):
     max_batch_cost: float | None
     priority_aging_ms: float
     stream_buffer: int
+    replace_hung: bool
     name: str | None
 
 
@@ -63,6 +64,12 @@ def _positive_int(name: str, value: object) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__qualname__}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__qualname__}")
     return value
 
 
@@ -94,6 +101,8 @@ class Settings:
     """How soon a request without a deadline counts as due (its urgency): the default timeout, or 10 s."""
     stream_buffer: int = 1024
     """Items buffered for one streaming caller before it is cut off."""
+    replace_hung: bool = False
+    """After a run past run_timeout_ms: a fresh thread at once (True), or the slot waits for the call (False)."""
 
     @classmethod
     def build(
@@ -114,6 +123,7 @@ class Settings:
         max_batch_cost: float | None = None,
         priority_aging_ms: float = 1000.0,
         stream_buffer: int = 1024,
+        replace_hung: bool = False,
     ) -> Settings:
         """Check every option (raising ``TypeError``/``ValueError`` naming the bad one)."""
         if batch_cost is not None and not callable(batch_cost):
@@ -151,6 +161,7 @@ class Settings:
             limit=1,
             slack=10.0,
             stream_buffer=_positive_int("stream_buffer", stream_buffer),
+            replace_hung=_flag("replace_hung", replace_hung),
         )
         return base.replace(
             max_batch_size=max_batch_size,

@@ -149,6 +149,14 @@ class BatcherStats:
     and by the largest size that fit after an out-of-memory error."""
     hung_batches: int = 0
     """Batches that ran past ``run_timeout_ms`` and were abandoned."""
+    oldest_queued_ms: float = 0.0
+    """How long the oldest queued request has waited (0 when none is queued)."""
+    oldest_running_ms: float = 0.0
+    """How long the oldest batch still running (or still blocking its slot after a hang) has run."""
+    blocked_slots: int = 0
+    """Slots whose call ran past ``run_timeout_ms`` and has not returned yet: the model is never
+    called twice at once, so they serve nothing until it does. A readiness check should fail
+    while every slot is blocked, or ``oldest_running_ms`` grows past what the model can take."""
 
     @property
     def mean_batch_size(self) -> float:
@@ -190,7 +198,15 @@ class Counters:
         self.run_time = Histogram()
         self.latency = Histogram()
 
-    def snapshot(self, *, pending: int, batch_size_limit: int) -> BatcherStats:
+    def snapshot(
+        self,
+        *,
+        pending: int,
+        batch_size_limit: int,
+        oldest_queued_ms: float = 0.0,
+        oldest_running_ms: float = 0.0,
+        blocked_slots: int = 0,
+    ) -> BatcherStats:
         return BatcherStats(
             requests=self.requests,
             batches=self.batches,
@@ -208,4 +224,7 @@ class Counters:
             oom_splits=self.oom_splits,
             batch_size_limit=batch_size_limit,
             hung_batches=self.hung,
+            oldest_queued_ms=oldest_queued_ms,
+            oldest_running_ms=oldest_running_ms,
+            blocked_slots=blocked_slots,
         )

@@ -80,8 +80,9 @@ class Worker:
         self._idle = list(reversed(self._slots))  # pop() hands out slot 0 first
         self._task_group: anyio.abc.TaskGroup | None = None
 
-    def _new_runner(self, index: int) -> ThreadRunner:
-        return ThreadRunner(name=f"batchkit-{self._scheduler.name}-{index}")
+    def _new_runner(self, index: int, replacement: int = 0) -> ThreadRunner:
+        suffix = f"-r{replacement}" if replacement else ""  # names stay unique after a hung thread
+        return ThreadRunner(name=f"batchkit-{self._scheduler.name}-{index}{suffix}")
 
     async def run(self) -> None:
         """The worker task: returns once ``aclose`` has drained the queue, or when cancelled."""
@@ -103,8 +104,12 @@ class Worker:
                 self._give_up_hung(now)
             scheduler.expire(now)
             self._dispatch(now)
-            if scheduler.closing and not scheduler.pending and len(self._idle) == len(self._slots):
-                return  # drained: everything accepted has been answered
+            if scheduler.closing:
+                if not scheduler.pending and len(self._idle) == len(self._slots):
+                    return  # drained: everything accepted has been answered
+                if not self._idle and all(slot.hung for slot in self._slots):
+                    scheduler.fail_queued(self._hung_error(closing=True))  # nothing can run them
+                    return
             until = min((s.deadline for s in self._slots if s.deadline is not None), default=math.inf)
             await scheduler.sleep(can_start=bool(self._idle), until=until)
 
@@ -196,7 +201,7 @@ class Worker:
         self._scheduler.deliver(batch.requests, rows, None)
 
     def _finish_stream(self, slot: Slot, batch: Batch, outcome: Outcome) -> None:
-        if slot.batch is not batch:
+        if slot.batch is not batch or self._unblock(slot):
             return
         self._release(slot)
         self._scheduler.counters.run_time.add(outcome.seconds)
@@ -212,6 +217,8 @@ class Worker:
         """
         if slot.batch is not batch:
             return  # a run given up on: its callers were answered then
+        if self._unblock(slot):
+            return
         self._release(slot)
         scheduler = self._scheduler
         scheduler.learn(batch, outcome)  # a new memory cap applies to the very next batch
@@ -225,25 +232,53 @@ class Worker:
         self._scheduler.wake()
 
     def _give_up_hung(self, now: float) -> None:
-        """Synchronous runs past run_timeout_ms: fail them, replace their threads."""
+        """Synchronous runs past run_timeout_ms: fail their callers now.
+
+        The call itself cannot be interrupted. By default its slot stays blocked
+        until it returns, so the model is never called twice at once; with
+        ``replace_hung`` the slot gets a fresh thread at once.
+        """
         for slot in self._slots:
             batch = slot.batch
             if batch is None or slot.deadline is None or slot.deadline > now:
                 continue
             logger.warning(
-                "batcher %r: a batch of %d ran past run_timeout_ms; abandoning its thread",
+                "batcher %r: a batch of %d ran past run_timeout_ms; %s",
                 self._scheduler.name,
                 len(batch.requests),
+                "replacing its thread" if self._scheduler.settings.replace_hung else "its slot waits for the call",
             )
+            slot.deadline = None
+            if not self._scheduler.settings.replace_hung:
+                slot.hung = True
+                self._scheduler.hung(batch, self._hung_error(), blocked=True)
+                continue
             assert slot.runner is not None
             slot.runner.stop(join=False)  # it exits when the hung call returns
-            slot.runner = self._new_runner(slot.index)
+            slot.replacements += 1
+            slot.runner = self._new_runner(slot.index, slot.replacements)
             self._release(slot)
             self._scheduler.hung(batch, self._hung_error())
 
-    def _hung_error(self) -> ModelTimeoutError:
+    def _unblock(self, slot: Slot) -> bool:
+        """A hung call finally returned: its callers were answered then; free its slot."""
+        if not slot.hung:
+            return False
+        slot.hung = False
+        self._scheduler.unblocked(slot.batch)
+        self._release(slot)
+        if not self.retired:
+            self._dispatch(clock())
+        return True
+
+    def _hung_error(self, *, closing: bool = False) -> ModelTimeoutError:
         run_timeout = self._scheduler.settings.run_timeout
         assert run_timeout is not None
+        if closing:
+            return ModelTimeoutError(
+                f"batcher {self._scheduler.name!r} closed while every slot waited for a call past "
+                f"run_timeout_ms={run_timeout * 1000:g}; this request could never run"
+            )
         return ModelTimeoutError(
             f"batcher {self._scheduler.name!r}: the model ran longer than run_timeout_ms={run_timeout * 1000:g}"
         )
