@@ -337,7 +337,7 @@ async def test_errors_map_to_http_statuses(client: InThread) -> None:
         model.close()
         seed = long_seed("late", 5)
         model.allow(1)
-        body = {"prompt": "late", "max_new_tokens": 5, "temperature": 1.0, "seed": seed, "timeout_ms": 1000}
+        body = {"prompt": "late", "max_new_tokens": 5, "temperature": 1.0, "seed": seed, "timeout_ms": 3000}
         async with http.stream("POST", "/generate", json=body) as response:
             assert response.status_code == 200
             events = [event async for event in sse(response)]
