@@ -59,10 +59,10 @@ class RequestTimeoutError(BatchkitError, TimeoutError):
 class ModelTimeoutError(BatchkitError, TimeoutError):
     """The model ran one batch for longer than ``run_timeout_ms``.
 
-    Every caller of that batch gets this error. A synchronous model cannot be
-    interrupted: its thread is abandoned (it exits when the call finally
-    returns) and a fresh thread takes its place, so the batcher keeps serving.
-    An async model is cancelled.
+    Every caller of that batch gets this error. An async model is cancelled. A
+    synchronous call cannot be interrupted: its slot waits for it to return
+    (the model is never called twice at once), or with ``replace_hung=True``
+    a fresh thread takes its place at once.
     """
 
 
