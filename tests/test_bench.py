@@ -262,7 +262,7 @@ def test_an_unreachable_open_loop_rate_is_detected() -> None:
     assert generator_reach(1e9) < REACH  # a billion arrivals a second: beyond any event loop
 
 
-# -- --scenario generate: a step model served five ways ---------------------------------------------
+# -- --scenario generate: a step model served seven ways --------------------------------------------
 
 GENERATE = ["--scenario", "generate", "--threads", "1", "--warmup", "0.05", "--duration", "0.2", "--reference", "1:8"]
 
@@ -293,10 +293,14 @@ def test_generate_scenario_runs_every_variant_and_answers_each_request_exactly(t
     text = (tmp_path / "results.md").read_text()
     assert "| step[w=1,b=8] | closed 8 |" in text
     assert "target >= 3x" in text
+    assert "request-padded (request-level batching, finished rows padded)" in text
+    assert "request (finished rows dropped)" in text
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.parametrize("family", ["naive-thread", "request", "stream", "ray-serve-stream", "step"])
+@pytest.mark.parametrize(
+    "family", ["naive-thread", "request-padded", "request", "stream-padded", "stream", "ray-serve-stream", "step"]
+)
 def test_each_generate_variant_streams_every_caller_its_own_items(family: str) -> None:
     import asyncio
 
@@ -324,6 +328,21 @@ def test_each_generate_variant_streams_every_caller_its_own_items(family: str) -
     for prompt in prompts:
         assert [(tag, index) for tag, index, _ in got[prompt.tag]] == prompt.expected()
         assert got[prompt.tag] == alone[prompt.tag]  # tiny float32 model: the same tokens as generated alone
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_request_level_generation_pads_or_drops_finished_rows(padded: bool) -> None:
+    from batchkit.bench._gru import GRU, Prompt
+
+    model = GRU(hidden=16, vocab=32)
+    lengths = [1, 5, 40, 2]
+    prompts = [Prompt(tag=tag, token=tag, length=length) for tag, length in enumerate(lengths)]
+    alone = [model.generate([p])[0] for p in prompts]
+    model.reset_counts()
+    outputs = model.generate_padded(prompts) if padded else model.generate(prompts)
+    assert outputs == alone  # padded rows' outputs are discarded: each gets exactly its own items
+    assert model.steps == max(lengths)  # either way, the batch runs until its longest member is done
+    assert model.rows == (len(prompts) * max(lengths) if padded else sum(lengths))
 
 
 @pytest.mark.parametrize(

@@ -174,7 +174,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--open",
         type=_list_of(_positive_float),
         help="open-loop rates, as fractions of offline capacity (default 0.25,0.5,0.8); generate: of request-level "
-        "batching's saturation throughput (default 0.5,0.8)",
+        "batching's (request-padded's) saturation throughput (default 0.5,0.8)",
     )
     add("--rates", type=_list_of(_positive_float), help="open-loop rates in requests/s (replaces --open)")
     add("--warmup", type=_non_negative_float, help="seconds before measuring each cell (default 0.5)")

@@ -1,20 +1,25 @@
 """``batchkit bench --scenario generate``: why step-level batching matters for models that answer in steps.
 
 The model is the GRU of ``_gru``; each request asks for a long-tailed number of
-steps (1 to 256, median 16). Five ways to serve it:
+steps (1 to 256, median 16). Seven ways to serve it:
 
 - ``naive-thread``: one request at a time per thread (``asyncio.to_thread``), no batching;
-- ``request``: a ``Batcher`` whose fn generates the whole batch and returns every output at the end;
-- ``stream``: a ``Batcher`` whose fn is a generator (each step yields an item per request, END once done);
-- ``ray-serve-stream``: Ray Serve's ``@serve.batch`` on an async generator (each step on a thread);
+- ``request-padded``: request-level batching as issue #13 defines it: a ``Batcher`` whose fn generates the
+  whole batch, every row computed at every step until the longest is done (finished rows padded, their
+  outputs discarded), every output returned at the end;
+- ``request``: the same, but finished rows are dropped between steps (the batch shrinks): a cheaper baseline;
+- ``stream-padded`` and ``stream``: a ``Batcher`` whose fn is a generator (each step yields an item per
+  request, END once done), finished rows padded or dropped;
+- ``ray-serve-stream``: Ray Serve's ``@serve.batch`` on an async generator (each step on a thread), finished
+  rows dropped;
 - ``step``: ``batchkit.StepBatcher``, rows joining and leaving between steps.
 
 All but ``step`` run a batch until its longest member is done, and requests
 arriving meanwhile wait for the whole batch. Loads: a closed loop (clients
 each waiting for their whole answer) for throughput, and Poisson arrivals at
-fractions of the ``request`` variant's measured saturation throughput (the same
-offered load for every variant), for time to first item and total latency.
-Every request's items are checked against what it asked for (``wrong``).
+fractions of the ``request-padded`` variant's measured saturation throughput
+(the same offered load for every variant), for time to first item and total
+latency. Every request's items are checked against what it asked for (``wrong``).
 """
 
 from __future__ import annotations
@@ -43,10 +48,13 @@ from ._variants import Setting
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["GENERATE_FAMILIES", "GenCell", "GenPlan", "run_generate"]
+__all__ = ["BASELINE", "GENERATE_FAMILIES", "GenCell", "GenPlan", "run_generate"]
 
-GENERATE_FAMILIES = ("naive-thread", "request", "stream", "ray-serve-stream", "step")
+GENERATE_FAMILIES = ("naive-thread", "request-padded", "request", "stream-padded", "stream", "ray-serve-stream", "step")
 """The variants of the generate scenario, in table order."""
+
+BASELINE = "request-padded"
+"""Request-level batching as issue #13 defines it: the targets and the open loop's capacity refer to it."""
 
 Stream = Callable[[Prompt], AsyncIterator[Item]]
 Serve = Callable[[GRU], AbstractAsyncContextManager[Stream]]
@@ -78,35 +86,45 @@ async def _naive_thread(model: GRU, setting: Setting) -> AsyncIterator[Stream]:
     yield items
 
 
-@asynccontextmanager
-async def _request(model: GRU, setting: Setting) -> AsyncIterator[Stream]:
-    batcher: batchkit.Batcher[Prompt, list[Item]] = batchkit.Batcher(
-        model.generate,
-        max_batch_size=setting.batch_size,
-        max_wait_ms=setting.fixed_wait_ms,
-        collate=None,
-        name="request",
-    )
+def _request(padded: bool) -> Callable[[GRU, Setting], AbstractAsyncContextManager[Stream]]:
+    """Request-level batching: the whole batch's outputs at the end; finished rows padded or dropped."""
 
-    async def items(prompt: Prompt) -> AsyncIterator[Item]:
-        for item in await batcher.predict(prompt):
-            yield item
+    @asynccontextmanager
+    async def serve(model: GRU, setting: Setting) -> AsyncIterator[Stream]:
+        batcher: batchkit.Batcher[Prompt, list[Item]] = batchkit.Batcher(
+            model.generate_padded if padded else model.generate,
+            max_batch_size=setting.batch_size,
+            max_wait_ms=setting.fixed_wait_ms,
+            collate=None,
+            name="request-padded" if padded else "request",
+        )
 
-    async with batcher:
-        yield items
+        async def items(prompt: Prompt) -> AsyncIterator[Item]:
+            for item in await batcher.predict(prompt):
+                yield item
+
+        async with batcher:
+            yield items
+
+    return serve
 
 
-@asynccontextmanager
-async def _stream(model: GRU, setting: Setting) -> AsyncIterator[Stream]:
-    batcher: batchkit.Batcher[Prompt, Item] = batchkit.Batcher(
-        model.generate_steps,
-        max_batch_size=setting.batch_size,
-        max_wait_ms=setting.fixed_wait_ms,
-        collate=None,
-        name="stream",
-    )
-    async with batcher:
-        yield batcher.stream
+def _stream(padded: bool) -> Callable[[GRU, Setting], AbstractAsyncContextManager[Stream]]:
+    """Generator streaming: an item per request per step; finished rows padded or dropped."""
+
+    @asynccontextmanager
+    async def serve(model: GRU, setting: Setting) -> AsyncIterator[Stream]:
+        batcher: batchkit.Batcher[Prompt, Item] = batchkit.Batcher(
+            model.generate_steps_padded if padded else model.generate_steps,
+            max_batch_size=setting.batch_size,
+            max_wait_ms=setting.fixed_wait_ms,
+            collate=None,
+            name="stream-padded" if padded else "stream",
+        )
+        async with batcher:
+            yield batcher.stream
+
+    return serve
 
 
 @asynccontextmanager
@@ -153,8 +171,10 @@ def _ignore_stopped(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
 
 SERVES: dict[str, Callable[[GRU, Setting], AbstractAsyncContextManager[Stream]]] = {
     "naive-thread": _naive_thread,
-    "request": _request,
-    "stream": _stream,
+    "request-padded": _request(padded=True),
+    "request": _request(padded=False),
+    "stream-padded": _stream(padded=True),
+    "stream": _stream(padded=False),
     "ray-serve-stream": _ray_serve_stream,
     "step": _step,
 }
@@ -409,7 +429,7 @@ def run_generate(plan: GenPlan, console: Console) -> list[GenCell]:
             total = len(families) * (len(closed) + len(plan.open_rates or plan.open_fractions))
             task = progress.add_task("", total=total)
             # The open loads are fractions of request-level batching's saturation throughput: measure it first.
-            order = sorted(families, key=lambda f: f != "request")
+            order = sorted(families, key=lambda f: f != BASELINE)
             for family in order:
                 for load in closed:
                     progress.update(task, description=f"{family} {load.label}")
@@ -436,7 +456,7 @@ def run_generate(plan: GenPlan, console: Console) -> list[GenCell]:
         "duration_s": plan.duration_s,
         "reference": plan.reference.label,
         "open_loop_capacity_rps": capacity or None,
-        "capacity_from": "request-level batching, closed loop at the highest concurrency",
+        "capacity_from": f"{BASELINE} (request-level batching), closed loop at the highest concurrency",
         "heartbeat_ms": HEARTBEAT_S * 1000.0,
         "lengths": "lognormal, median 16, sigma 1.2, clipped to 1..256 steps",
     }
@@ -457,10 +477,10 @@ def _capacity(cells: list[GenCell], closed: list[Load], model: GRU, plan: GenPla
     """Request-level batching's throughput (requests/s) at the highest closed-loop concurrency (measured if needed)."""
     top = max((load.value for load in closed), default=64.0)
     for cell in cells:
-        if cell.family == "request" and cell.load_kind == "closed" and cell.load_value == top:
+        if cell.family == BASELINE and cell.load_kind == "closed" and cell.load_value == top:
             return cell.throughput
-    progress.update(progress.task_ids[0], description=f"capacity: request closed {top:g}")
-    return measure("request", model, Load("closed", top), plan).throughput
+    progress.update(progress.task_ids[0], description=f"capacity: {BASELINE} closed {top:g}")
+    return measure(BASELINE, model, Load("closed", top), plan).throughput
 
 
 def write_json(path: Path, meta: dict[str, Any], cells: list[GenCell], skipped: dict[str, str]) -> None:

@@ -9,9 +9,11 @@ The model has both APIs the benchmark needs: the four methods of
 ``batchkit.StepModel`` (``start``, ``step``, ``join``, ``select``) and whole
 generations built from them (``generate``: every output at the end;
 ``generate_steps``: a generator yielding one item per request per step,
-``batchkit.END`` for the rows already done). Whole generations drop finished
-rows between steps (``select``), so a batch shrinks as its members finish, but
-it runs until its longest member is done and nothing joins it.
+``batchkit.END`` for the rows already done). A whole generation runs until its
+longest member is done and nothing joins it. Two kinds: ``padded`` (the usual
+request-level batching: a padded batch in a ``generate()`` loop; every row is
+computed at every step, finished rows' outputs discarded) and not (finished rows
+dropped between steps with ``select``, so the batch shrinks: cheaper per step).
 
 Each item is ``(tag, index, token)``: the request's tag, the step number and the
 token, so a caller can check it got exactly its own items, in order.
@@ -137,9 +139,20 @@ class GRU:
 
     # -- whole generations (request-level batching) ----------------------------------------
 
-    def generate_steps(self, prompts: list[Prompt]) -> Iterator[list[Any]]:
-        """Yield one item per prompt per step (``batchkit.END`` once a prompt is done) until all are done."""
+    def generate_steps(self, prompts: list[Prompt], *, padded: bool = False) -> Iterator[list[Any]]:
+        """Yield one item per prompt per step (``batchkit.END`` once a prompt is done) until all are done.
+
+        ``padded``: keep computing finished rows (their items discarded) until the longest is done;
+        otherwise drop them between steps.
+        """
         state = self.start(prompts)
+        if padded:
+            done = [False] * len(prompts)
+            while not all(done):
+                items, finished = self.step(state)
+                yield [batchkit.END if was else item for was, item in zip(done, items, strict=True)]
+                done = [was or now for was, now in zip(done, finished, strict=True)]
+            return
         positions = list(range(len(prompts)))  # the prompt of each running row
         while positions:
             items, finished = self.step(state)
@@ -153,14 +166,22 @@ class GRU:
                 if keep:
                     state = self.select(state, keep)
 
-    def generate(self, prompts: list[Prompt]) -> list[list[Item]]:
-        """Every prompt's items, returned when the longest is done."""
+    def generate_steps_padded(self, prompts: list[Prompt]) -> Iterator[list[Any]]:
+        """``generate_steps`` computing every row at every step until the longest is done."""
+        yield from self.generate_steps(prompts, padded=True)
+
+    def generate(self, prompts: list[Prompt], *, padded: bool = False) -> list[list[Item]]:
+        """Every prompt's items, returned when the longest is done (``padded``: as ``generate_steps``)."""
         outputs: list[list[Item]] = [[] for _ in prompts]
-        for items in self.generate_steps(prompts):
+        for items in self.generate_steps(prompts, padded=padded):
             for output, item in zip(outputs, items, strict=True):
                 if item is not batchkit.END:
                     output.append(item)
         return outputs
+
+    def generate_padded(self, prompts: list[Prompt]) -> list[list[Item]]:
+        """``generate`` computing every row at every step until the longest is done."""
+        return self.generate(prompts, padded=True)
 
     # -- measuring -------------------------------------------------------------------------
 
