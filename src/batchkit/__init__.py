@@ -25,6 +25,7 @@ from ._stats import BatcherStats, LatencySummary
 from ._step import StepBatcher, StepModel
 from ._stream import END
 from ._sync import SyncBatcher
+from ._worker import current_batch_key
 
 __version__ = "0.1.0"
 
@@ -51,5 +52,6 @@ __all__ = [
     "SyncBatcher",
     "__version__",
     "batch",
+    "current_batch_key",
     "pad_sequences",
 ]

@@ -21,7 +21,7 @@ import inspect
 import logging
 import sys
 import weakref
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Hashable, Iterable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 import anyio
@@ -168,6 +168,11 @@ class Batcher(Generic[InT, OutT]):
         max_batch_cost: the cost budget of one batch.
         priority_aging_ms: how much waiting one level of ``priority`` is worth
             (see ``predict``).
+        batch_key: ``input -> hashable key``: requests with different keys
+            never share a batch (an adapter, a tenant, generation parameters),
+            and ``fn`` reads its batch's key with ``batchkit.current_batch_key()``.
+            Groups take turns: the due group whose oldest request is oldest goes
+            first, so no key starves another.
         stream_buffer: for a generator ``fn``, the items buffered for one
             ``stream()`` reader; one that falls that far behind is cut off with
             ``StreamBufferFullError`` (the other rows never wait for it).
@@ -207,6 +212,7 @@ class Batcher(Generic[InT, OutT]):
         priority_aging_ms: float = 1000.0,
         stream_buffer: int = 1024,
         replace_hung: bool = False,
+        batch_key: Callable[[Any], Hashable] | None = None,
         name: str | None = None,
     ) -> None:
         if not callable(fn):
@@ -232,6 +238,7 @@ class Batcher(Generic[InT, OutT]):
             "priority_aging_ms": priority_aging_ms,
             "stream_buffer": stream_buffer,
             "replace_hung": replace_hung,
+            "batch_key": batch_key,
         }
         settings = Settings.build(is_async=self._is_async, **options)
         collator = make_collator(collate)

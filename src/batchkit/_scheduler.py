@@ -26,7 +26,7 @@ import math
 import numbers
 import time
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import numpy as np
@@ -61,13 +61,16 @@ _FLUSH_MARGIN = 0.005  # the least time a batch is flushed ahead of what its ear
 class Batch:
     """Requests taken together for one model call, with their inputs."""
 
-    __slots__ = ("deadline", "items", "requests", "started_at")
+    __slots__ = ("deadline", "items", "key", "requests", "started_at")
 
-    def __init__(self, requests: list[Request], items: list[Any], deadline: float, started_at: float) -> None:
+    def __init__(
+        self, requests: list[Request], items: list[Any], deadline: float, started_at: float, key: Hashable = None
+    ) -> None:
         self.requests = requests
         self.items = items
         self.deadline = deadline  # the earliest deadline of a request still waiting
         self.started_at = started_at
+        self.key = key  # the batch_key its requests share (None without one)
 
 
 def _copies(error: BaseException, n: int) -> list[BaseException]:
@@ -85,6 +88,15 @@ def _copies(error: BaseException, n: int) -> list[BaseException]:
             twin.__traceback__ = error.__traceback__
         errors.append(twin)
     return errors
+
+
+def _keyed(batch_key: Hashable, collate_key: Hashable) -> Hashable:
+    """The group of a request with a ``batch_key``: its key, then its collate key."""
+    try:
+        hash(batch_key)
+    except TypeError:
+        raise InvalidInputError(f"batch_key returned an unhashable {type(batch_key).__qualname__}") from None
+    return (batch_key, collate_key)
 
 
 def _real(value: object) -> float | None:
@@ -191,6 +203,8 @@ class Scheduler:
                 if isinstance(error, InvalidInputError):
                     raise
                 raise InvalidInputError(str(error)) from error
+            if settings.batch_key is not None:
+                key = _keyed(settings.batch_key(x), key)
             if not priority and settings.batch_cost is None:  # the common case, kept short
                 timeout = settings.timeout if timeout_ms is None else check_ms("timeout_ms", timeout_ms) / 1000
                 if timeout is None:
@@ -313,7 +327,8 @@ class Scheduler:
         counters.batches += 1
         size = len(taken)
         counters.batch_sizes[size] = counters.batch_sizes.get(size, 0) + 1
-        batch = Batch(taken, items, deadline, now)
+        shared = cast("tuple[Hashable, Hashable]", key)[0] if self.settings.batch_key is not None else None
+        batch = Batch(taken, items, deadline, now, shared)
         self._running.add(batch)
         return batch
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, TypedDict
 
 from ._collate import CollateArg
@@ -34,6 +34,7 @@ class ModuleBatcherOptions(TypedDict, total=False):
     max_latency_ms: float | None
     batch_cost: Callable[[Any], float] | None
     max_batch_cost: float | None
+    batch_key: Callable[[Any], Hashable] | None
     priority_aging_ms: float
     stream_buffer: int
     replace_hung: bool
@@ -103,6 +104,8 @@ class Settings:
     """Items buffered for one streaming caller before it is cut off."""
     replace_hung: bool = False
     """After a run past run_timeout_ms: a fresh thread at once (True), or the slot waits for the call (False)."""
+    batch_key: Callable[[Any], Hashable] | None = None
+    """Requests whose keys differ never share a batch."""
 
     @classmethod
     def build(
@@ -124,10 +127,13 @@ class Settings:
         priority_aging_ms: float = 1000.0,
         stream_buffer: int = 1024,
         replace_hung: bool = False,
+        batch_key: Callable[[Any], Hashable] | None = None,
     ) -> Settings:
         """Check every option (raising ``TypeError``/``ValueError`` naming the bad one)."""
         if batch_cost is not None and not callable(batch_cost):
             raise TypeError("batch_cost must be a callable: input -> cost")
+        if batch_key is not None and not callable(batch_key):
+            raise TypeError("batch_key must be a callable: input -> hashable key")
         if (batch_cost is None) != (max_batch_cost is None):
             raise ValueError("batch_cost and max_batch_cost go together")
         if on_error not in ("raise", "isolate"):
@@ -162,6 +168,7 @@ class Settings:
             slack=10.0,
             stream_buffer=_positive_int("stream_buffer", stream_buffer),
             replace_hung=_flag("replace_hung", replace_hung),
+            batch_key=batch_key,
         )
         return base.replace(
             max_batch_size=max_batch_size,

@@ -20,10 +20,11 @@ waiting on a worker that is gone.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -37,9 +38,26 @@ from ._runner import Slot, ThreadRunner
 from ._scheduler import Batch, Scheduler, clock
 from ._threads import Inbox
 
-__all__ = ["BoundWorker", "Worker"]
+__all__ = ["BoundWorker", "Worker", "current_batch_key"]
 
 logger = logging.getLogger("batchkit")
+
+
+_BATCH_KEY: contextvars.ContextVar[Hashable] = contextvars.ContextVar("batchkit_batch_key", default=None)
+
+
+def current_batch_key() -> Hashable:
+    """The ``batch_key`` shared by the batch the calling model function is running.
+
+    ```python
+    def model(batch):
+        adapter = adapters[batchkit.current_batch_key()]   # every input of this batch has this key
+        ...
+    ```
+
+    ``None`` outside a model call, or for a batcher without ``batch_key``.
+    """
+    return _BATCH_KEY.get()
 
 
 class BoundWorker(Protocol):
@@ -141,13 +159,18 @@ class Worker:
 
     def _run_sync(self, slot: Slot, batch: Batch) -> None:
         """On the slot's thread: run the batch, hand the outcome to the loop."""
-        outcome = self._executor.run(slot.fn, batch.items)
+        token = _BATCH_KEY.set(batch.key)
+        try:
+            outcome = self._executor.run(slot.fn, batch.items)
+        finally:
+            _BATCH_KEY.reset(token)
         with contextlib.suppress(RuntimeError):  # the event loop is gone, and its callers with it
             self.backend.call_soon_threadsafe(self._finish, slot, batch, outcome)
         del outcome, batch  # a failed model's frames link back here: hold nothing (see _execute._RELEASE)
 
     async def _run_async(self, slot: Slot, batch: Batch) -> None:
         outcome: Outcome | None = None
+        _BATCH_KEY.set(batch.key)  # this task's own context
         with anyio.move_on_after(self._scheduler.settings.run_timeout):  # None: no limit
             outcome = await self._executor.run_async(slot.fn, batch.items, self.backend.cancel_requested)
         if outcome is None:
@@ -167,7 +190,11 @@ class Worker:
                 return False  # the loop is gone
             return any(r.state == RUNNING for r in batch.requests)  # read across threads: a hint only
 
-        outcome = self._executor.run_stream(slot.fn, batch.items, emit)
+        token = _BATCH_KEY.set(batch.key)
+        try:
+            outcome = self._executor.run_stream(slot.fn, batch.items, emit)
+        finally:
+            _BATCH_KEY.reset(token)
         with contextlib.suppress(RuntimeError):
             self.backend.call_soon_threadsafe(self._finish_stream, slot, batch, outcome)
         del outcome, emit  # see _run_sync
@@ -175,6 +202,7 @@ class Worker:
     async def _run_stream_async(self, slot: Slot, batch: Batch) -> None:
         run_timeout = self._scheduler.settings.run_timeout
         outcome: Outcome | None = None
+        _BATCH_KEY.set(batch.key)  # this task's own context
         with anyio.CancelScope() as scope:
 
             def emit(rows: list[Any]) -> bool:
