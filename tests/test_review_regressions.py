@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import gc
 import logging
@@ -384,3 +385,197 @@ async def test_a_generator_function_streams_instead_of_failing_every_call(kind: 
     async with batchkit.Batcher(sync_gen if kind == "sync" else async_gen, collate=None, max_wait_ms=1) as batcher:
         with anyio.fail_after(10):
             assert await batcher.predict(5) == [10, 15]
+
+
+# -- third review ------------------------------------------------------------------------------------
+
+
+class _Hangs:
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def __call__(self, batch: list[Any]) -> list[Any]:
+        if "hang" in batch:
+            self.release.wait(15)
+        return batch
+
+
+async def _outcome(batcher: batchkit.Batcher[Any, Any], x: Any) -> Any:
+    try:
+        return await batcher.predict(x)
+    except Exception as error:
+        return error
+
+
+@pytest.mark.anyio
+async def test_aclose_does_not_wait_for_a_hung_slot_when_another_slot_is_idle() -> None:
+    model = _Hangs()
+    batcher = batchkit.Batcher(model, collate=None, max_batch_size=1, max_wait_ms=0, run_timeout_ms=50, replicas=2)
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_outcome, batcher, "hang")
+                await wait_until(lambda: batcher.stats().blocked_slots == 1)
+                assert await batcher.predict("ok") == "ok"  # the other slot serves
+                await batcher.aclose()  # nothing queued: returns without the hung call
+    finally:
+        model.release.set()
+
+
+def test_blocked_slots_clear_once_the_worker_that_held_them_is_gone() -> None:
+    model = _Hangs()
+    batcher = batchkit.Batcher(model, collate=None, max_batch_size=1, max_wait_ms=0, run_timeout_ms=50)
+
+    async def first() -> None:
+        assert isinstance(await _outcome(batcher, "hang"), batchkit.ModelTimeoutError)
+
+    async def second() -> None:
+        with anyio.fail_after(10):
+            assert await batcher.predict("ok") == "ok"
+            stats = batcher.stats()
+            assert (stats.blocked_slots, stats.oldest_running_ms) == (0, 0.0)
+            await batcher.aclose()
+
+    anyio.run(first)  # the loop ends (no aclose) while the call is hung
+    model.release.set()
+    anyio.run(second)
+
+
+@pytest.mark.anyio
+async def test_oldest_queued_age_forgets_requests_that_left() -> None:
+    model = _Hangs()
+    batcher = batchkit.Batcher(model, collate=None, max_batch_size=4, max_wait_ms=0, run_timeout_ms=50)
+    try:
+        with anyio.fail_after(10):
+            async with batcher, anyio.create_task_group() as tg:
+                tg.start_soon(_outcome, batcher, "hang")
+                await wait_until(lambda: batcher.stats().blocked_slots == 1)
+                with anyio.CancelScope() as old:
+                    tg.start_soon(_outcome, batcher, "old")
+                    await anyio.sleep(0.5)
+                    tg.start_soon(_outcome, batcher, "new")
+                    await wait_until(lambda: batcher.stats().pending == 2)
+                    old.cancel()
+                await wait_until(lambda: batcher.stats().pending == 1)
+                assert batcher.stats().oldest_queued_ms < 400  # the new one's age, not the cancelled one's
+                model.release.set()
+    finally:
+        model.release.set()
+
+
+@pytest.mark.anyio
+async def test_callers_of_a_half_that_failed_after_an_oom_split_get_their_own_error_objects() -> None:
+    def model(batch: list[int]) -> list[int]:
+        if len(batch) > 2 or 0 in batch:
+            raise MemoryError("does not fit")
+        return batch
+
+    results: dict[int, Any] = {}
+
+    async def one(x: int) -> None:
+        results[x] = await _outcome(batcher, x)
+
+    async with batchkit.Batcher(model, collate=None, max_batch_size=4, max_wait_ms=20) as batcher:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for x in (0, 1, 2, 3):
+                    tg.start_soon(one, x)
+    errors = [r for r in results.values() if isinstance(r, BaseException)]
+    assert len(errors) == 2  # 0 and its half-mate 1 fail; 2 and 3 fit
+    assert errors[0] is not errors[1]
+
+
+@pytest.mark.anyio
+async def test_sync_batcher_and_stream_error_answers_leave_no_cycles() -> None:
+    def failing(batch: list[Any]) -> list[Any]:
+        raise ValueError("no")
+
+    def failing_steps(batch: list[Any]) -> Any:
+        yield batch
+        raise ValueError("no")
+
+    sync = batchkit.SyncBatcher(failing, collate=None, max_wait_ms=0)
+    try:
+        for _ in range(3):  # warm up
+            with pytest.raises(ValueError, match="no"):
+                await anyio.to_thread.run_sync(sync.predict, 1)
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(10):
+                with pytest.raises(ValueError, match="no"):
+                    await anyio.to_thread.run_sync(sync.predict, 1)
+            async with batchkit.Batcher(failing_steps, collate=None, max_wait_ms=0) as streaming:
+                for _ in range(10):
+                    with pytest.raises(ValueError, match="no"):
+                        async for _ in streaming.stream(1):
+                            pass
+            found = gc.collect()
+        finally:
+            gc.enable()
+    finally:
+        await anyio.to_thread.run_sync(sync.close)
+    assert found == 0, f"{found} objects freed only by the cycle collector"
+
+
+def test_submit_threadsafe_works_for_a_batcher_running_on_trio() -> None:
+    import trio
+
+    batcher = batchkit.Batcher(lambda b: [x * 2 for x in b], collate=None, max_batch_size=4, max_wait_ms=1)
+    ready = threading.Event()
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    async def serve() -> None:
+        async with batcher:
+            ready.set()
+            with trio.move_on_after(10):
+                while not done.is_set():
+                    await trio.sleep(0.005)
+
+    def run() -> None:
+        try:
+            trio.run(serve)
+        except BaseException as error:
+            failure.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        assert batcher.submit_threadsafe(21).result(timeout=10) == 42
+    finally:
+        done.set()
+        thread.join(10)
+    assert not failure
+
+
+def test_a_request_handed_over_as_the_loop_ends_is_refused_not_left_waiting() -> None:
+    import asyncio
+
+    batcher = batchkit.Batcher(lambda b: b, collate=None, max_wait_ms=0)
+    futures: list[Any] = []
+    stop = threading.Event()
+    started = threading.Event()
+
+    def submit() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(RuntimeError, batchkit.BatcherClosedError):
+                futures.append(batcher.submit_threadsafe(1))
+                started.set()
+
+    async def main() -> None:
+        assert await batcher.predict(0) == 0  # lazy start: the worker ends with this loop
+        thread = threading.Thread(target=submit)
+        thread.start()
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        await asyncio.sleep(0.05)
+        loop_thread.append(thread)
+
+    loop_thread: list[threading.Thread] = []
+    asyncio.run(main())
+    stop.set()
+    loop_thread[0].join(10)
+    for future in futures:
+        with contextlib.suppress(batchkit.BatcherClosedError):  # refused as the loop ended: still answered
+            future.result(timeout=5)
