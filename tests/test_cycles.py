@@ -60,12 +60,15 @@ async def test_error_answers_leave_nothing_for_the_cycle_collector(kind: str) ->
     with anyio.fail_after(30):
         async with batcher:
             await wave()  # warm up: first-use caches, imports
-            gc.collect()
-            gc.disable()
-            try:
-                await wave()
-                await anyio.sleep(0.05)  # the last runs report back
-                found = gc.collect()
-            finally:
-                gc.enable()
+            counts = []
+            for _ in range(3):  # the least of three: a cycle per answer shows in every window, while
+                gc.collect()  # garbage from elsewhere (an earlier test's threads ending) does not
+                gc.disable()
+                try:
+                    await wave()
+                    await anyio.sleep(0.05)  # the last runs report back
+                    counts.append(gc.collect())
+                finally:
+                    gc.enable()
+            found = min(counts)
     assert found == 0, f"{found} objects were freed only by the cycle collector after 100 {kind} answers"

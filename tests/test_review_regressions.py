@@ -450,12 +450,17 @@ async def test_oldest_queued_age_forgets_requests_that_left() -> None:
             async with batcher, anyio.create_task_group() as tg:
                 tg.start_soon(_outcome, batcher, "hang")
                 await wait_until(lambda: batcher.stats().blocked_slots == 1)
-                with anyio.CancelScope() as old:
-                    tg.start_soon(_outcome, batcher, "old")
-                    await anyio.sleep(0.5)
-                    tg.start_soon(_outcome, batcher, "new")
-                    await wait_until(lambda: batcher.stats().pending == 2)
-                    old.cancel()
+                old = anyio.CancelScope()
+
+                async def withdrawn() -> None:
+                    with old:
+                        await _outcome(batcher, "old")
+
+                tg.start_soon(withdrawn)
+                await anyio.sleep(0.5)
+                tg.start_soon(_outcome, batcher, "new")
+                await wait_until(lambda: batcher.stats().pending == 2)
+                old.cancel()
                 await wait_until(lambda: batcher.stats().pending == 1)
                 assert batcher.stats().oldest_queued_ms < 400  # the new one's age, not the cancelled one's
                 model.release.set()
@@ -466,8 +471,10 @@ async def test_oldest_queued_age_forgets_requests_that_left() -> None:
 @pytest.mark.anyio
 async def test_callers_of_a_half_that_failed_after_an_oom_split_get_their_own_error_objects() -> None:
     def model(batch: list[int]) -> list[int]:
-        if len(batch) > 2 or 0 in batch:
+        if len(batch) > 2:
             raise MemoryError("does not fit")
+        if 0 in batch:
+            raise ValueError("a bad half")  # not split further: both of its callers fail
         return batch
 
     results: dict[int, Any] = {}
@@ -485,36 +492,48 @@ async def test_callers_of_a_half_that_failed_after_an_oom_split_get_their_own_er
     assert errors[0] is not errors[1]
 
 
-@pytest.mark.anyio
-async def test_sync_batcher_and_stream_error_answers_leave_no_cycles() -> None:
+def test_sync_batcher_error_answers_leave_no_cycles() -> None:
     def failing(batch: list[Any]) -> list[Any]:
         raise ValueError("no")
 
-    def failing_steps(batch: list[Any]) -> Any:
-        yield batch
-        raise ValueError("no")
-
-    sync = batchkit.SyncBatcher(failing, collate=None, max_wait_ms=0)
-    try:
+    with batchkit.SyncBatcher(failing, collate=None, max_wait_ms=0) as sync:
         for _ in range(3):  # warm up
             with pytest.raises(ValueError, match="no"):
-                await anyio.to_thread.run_sync(sync.predict, 1)
+                sync.predict(1)
         gc.collect()
         gc.disable()
         try:
             for _ in range(10):
                 with pytest.raises(ValueError, match="no"):
-                    await anyio.to_thread.run_sync(sync.predict, 1)
-            async with batchkit.Batcher(failing_steps, collate=None, max_wait_ms=0) as streaming:
-                for _ in range(10):
-                    with pytest.raises(ValueError, match="no"):
-                        async for _ in streaming.stream(1):
-                            pass
+                    sync.predict(1)
             found = gc.collect()
         finally:
             gc.enable()
-    finally:
-        await anyio.to_thread.run_sync(sync.close)
+    assert found == 0, f"{found} objects freed only by the cycle collector"
+
+
+@pytest.mark.anyio
+async def test_stream_error_answers_leave_no_cycles() -> None:
+    def failing_steps(batch: list[Any]) -> Any:
+        yield batch
+        raise ValueError("no")
+
+    async def one() -> None:
+        with pytest.raises(ValueError, match="no"):
+            async for _ in streaming.stream(1):
+                pass
+
+    async with batchkit.Batcher(failing_steps, collate=None, max_wait_ms=0) as streaming:
+        for _ in range(3):
+            await one()
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(10):
+                await one()
+            found = gc.collect()
+        finally:
+            gc.enable()
     assert found == 0, f"{found} objects freed only by the cycle collector"
 
 
@@ -577,5 +596,5 @@ def test_a_request_handed_over_as_the_loop_ends_is_refused_not_left_waiting() ->
     stop.set()
     loop_thread[0].join(10)
     for future in futures:
-        with contextlib.suppress(batchkit.BatcherClosedError):  # refused as the loop ended: still answered
+        with contextlib.suppress(batchkit.BatcherClosedError, batchkit.QueueFullError):  # answered, not left waiting
             future.result(timeout=5)

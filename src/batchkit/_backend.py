@@ -178,17 +178,25 @@ class TrioBackend:
         return lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
 
     def withdrawn(self, request: Waitable) -> bool:
-        return False  # trio calls abort() at the moment of cancellation
+        # trio calls abort() at the moment of cancellation; a thread's future does not.
+        waiter = request.waiter
+        return type(waiter) is not self._lowlevel.Task and waiter is not None and bool(waiter.cancelled())
 
     def resolve(self, requests: Iterable[Waitable], values: Iterable[Any]) -> None:
-        reschedule, wrap = self._lowlevel.reschedule, self._value
+        reschedule, wrap, task_type = self._lowlevel.reschedule, self._value, self._lowlevel.Task
         for request, value in zip(requests, values, strict=True):
-            reschedule(request.waiter, wrap(value))
+            waiter, request.waiter = request.waiter, None  # the answer is the caller's alone
+            if type(waiter) is task_type:
+                reschedule(waiter, wrap(value))
+            elif not waiter.done():  # a request sent from another thread (submit_threadsafe)
+                waiter.set_result(value)
 
     def fail(self, request: Waitable, error: BaseException) -> None:
-        task, request.waiter = request.waiter, None
-        if task is not None:
-            self._lowlevel.reschedule(task, self._error(error))
+        waiter, request.waiter = request.waiter, None
+        if type(waiter) is self._lowlevel.Task:
+            self._lowlevel.reschedule(waiter, self._error(error))
+        elif waiter is not None and not waiter.done():  # from another thread
+            waiter.set_exception(error)
 
     def cancel_requested(self) -> bool:
         return True  # trio.Cancelled cannot come from anywhere but a cancel scope

@@ -570,10 +570,14 @@ class Batcher(Generic[InT, OutT]):
         if worker is None:
             raise RuntimeError(f"batcher {self._name!r} is not running on an event loop")
         future: ThreadFuture[OutT] = ThreadFuture(self._scheduler.abandon, worker.inbox)
+        stopped = BatcherClosedError(f"batcher {self._name!r} stopped before this request was queued")
         try:
-            worker.inbox.post(functools.partial(self._scheduler.submit_to, future, x, timeout_ms, priority))
+            worker.inbox.post(
+                functools.partial(self._scheduler.submit_to, future, x, timeout_ms, priority),
+                refused=functools.partial(future.set_exception, stopped),
+            )
         except RuntimeError:
-            raise BatcherClosedError(f"batcher {self._name!r}: its event loop is gone") from None
+            raise BatcherClosedError(f"batcher {self._name!r}: its worker or event loop is gone") from None
         return future
 
     # -- lifecycle ----------------------------------------------------------------

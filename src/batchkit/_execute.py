@@ -24,6 +24,7 @@ Three things can make one batch into several model calls:
 from __future__ import annotations
 
 import bisect
+import copy
 import sys
 import time
 import types
@@ -132,7 +133,7 @@ class Executor:
                 outcome.lone_oom = outcome.lone_oom or len(items) == 1
             if top:
                 raise
-            return [Failed(_settled(exc))] * len(items)
+            return [Failed(error) for error in copies(_settled(exc), len(items))]
         if outcome.fit is not None:
             outcome.fit = max(outcome.fit, len(items))
         return list(outputs[: len(items)])
@@ -321,6 +322,23 @@ def _settled(error: BaseException, depth: int = 0) -> BaseException:
             if linked is not None:
                 _settled(linked, depth + 1)
     return error
+
+
+def copies(error: BaseException, n: int) -> list[BaseException]:
+    """One exception object per caller, so that tracebacks do not pile up on one."""
+    errors = [error]
+    for _ in range(n - 1):
+        try:
+            twin = copy.copy(error)
+        except Exception:
+            twin = error
+        if twin is not error:
+            twin.__cause__ = error.__cause__
+            twin.__context__ = error.__context__
+            twin.__suppress_context__ = error.__suppress_context__
+            twin.__traceback__ = error.__traceback__
+        errors.append(twin)
+    return errors
 
 
 def answerable(error: BaseException) -> BaseException:

@@ -20,7 +20,6 @@ Everything here runs on the event loop thread, so nothing needs a lock.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import numbers
@@ -39,7 +38,7 @@ from ._errors import (
     RequestTimeoutError,
     StreamBufferFullError,
 )
-from ._execute import Failed, Outcome
+from ._execute import Failed, Outcome, copies
 from ._policy import ArrivalRate, CostModel, FlushPolicy, OomCap, make_policy
 from ._queue import CANCELLED, DONE, QUEUED, RUNNING, TIMED_OUT, Request, RequestQueue
 from ._settings import Settings, check_ms
@@ -71,23 +70,6 @@ class Batch:
         self.deadline = deadline  # the earliest deadline of a request still waiting
         self.started_at = started_at
         self.key = key  # the batch_key its requests share (None without one)
-
-
-def _copies(error: BaseException, n: int) -> list[BaseException]:
-    """One exception object per caller, so that tracebacks do not pile up on one."""
-    errors = [error]
-    for _ in range(n - 1):
-        try:
-            twin = copy.copy(error)
-        except Exception:
-            twin = error
-        if twin is not error:
-            twin.__cause__ = error.__cause__
-            twin.__context__ = error.__context__
-            twin.__suppress_context__ = error.__suppress_context__
-            twin.__traceback__ = error.__traceback__
-        errors.append(twin)
-    return errors
 
 
 def _keyed(batch_key: Hashable, collate_key: Hashable) -> Hashable:
@@ -235,6 +217,9 @@ class Scheduler:
         """``submit`` for a caller in another thread (on the loop): its answer goes to ``future``."""
         if future.cancelled():
             return  # withdrawn before it got here: never a request
+        if self._backend is None:  # its worker has ended: nobody would serve it
+            future.set_exception(self.refuse(BatcherClosedError(f"batcher {self.name!r} stopped")))
+            return
         try:
             request = self.submit(x, timeout_ms, priority)
         except BaseException as error:
@@ -483,7 +468,7 @@ class Scheduler:
         counters.in_flight -= len(waiting)
         counters.failed += len(waiting)
         counters.latency.add_since(clock(), [r.enqueued_at for r in waiting])
-        for request, copied in zip(waiting, _copies(error, len(waiting)), strict=True):
+        for request, copied in zip(waiting, copies(error, len(waiting)), strict=True):
             request.state = DONE
             self._fail(request, copied)
 
@@ -591,6 +576,9 @@ class Scheduler:
         """A snapshot; safe from any thread (it copies, under the GIL, and never sorts)."""
         now = clock()
         pending = self._queue.live
+        backend = self._backend
+        if pending and backend is not None and backend.is_current():  # exact on the loop; a hint elsewhere
+            self._oldest_queued = min(group.oldest().enqueued_at for _, group in self._queue.groups())
         started = [b.started_at for b in list(self._running) + list(self._blocked)]
         return self.counters.snapshot(
             pending=pending,

@@ -207,6 +207,7 @@ class StepWorker:
         scheduler = self._scheduler
         scheduler.fail_running(error)
         scheduler.fail_queued(error)
+        self.inbox.close()
         self._stopping = True
         self._signal.set()
         # Drained, the thread is idle and exits at once: join it. Otherwise it may be in a long

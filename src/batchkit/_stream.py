@@ -73,7 +73,10 @@ class Channel:
             if self._done:
                 error, self._error = self._error, None  # raised once; no cycle through this channel
                 if error is not None:
-                    raise error
+                    try:
+                        raise error
+                    finally:
+                        del error  # this frame is in the error's traceback: hold nothing of it
                 raise StopAsyncIteration
             wakeup = self._wakeup = anyio.Event()
             await wakeup.wait()

@@ -189,6 +189,7 @@ class SyncBatcher(Generic[InT, OutT]):
             return future.result()
         except BaseException:
             future.cancel()  # interrupted while waiting (KeyboardInterrupt, say): withdraw the request
+            del future  # it holds the error, whose traceback holds this frame: no cycle
             raise
 
     __call__ = predict
@@ -203,6 +204,7 @@ class SyncBatcher(Generic[InT, OutT]):
             return await _wait(future)
         except BaseException:
             future.cancel()
+            del future  # see predict
             raise
 
     def _submit(self, x: InT, timeout_ms: float | None, priority: float) -> concurrent.futures.Future[OutT]:

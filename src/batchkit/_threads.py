@@ -24,17 +24,28 @@ T = TypeVar("T")
 class Inbox:
     """Calls posted from any thread, run on the event loop in the order posted."""
 
-    __slots__ = ("_calls", "_lock", "_scheduled", "_wake")
+    __slots__ = ("_calls", "_closed", "_lock", "_scheduled", "_wake")
 
     def __init__(self, call_soon_threadsafe: Callable[[Callable[[], None]], None]) -> None:
-        self._calls: deque[Callable[[], None]] = deque()
+        self._calls: deque[tuple[Callable[[], None], Callable[[], None] | None]] = deque()
         self._lock = threading.Lock()
         self._scheduled = False
+        self._closed = False
         self._wake = call_soon_threadsafe
 
-    def post(self, call: Callable[[], None]) -> None:
-        """Run ``call()`` on the loop soon (``RuntimeError`` if the loop is gone)."""
-        self._calls.append(call)
+    def post(self, call: Callable[[], None], refused: Callable[[], None] | None = None) -> None:
+        """Run ``call()`` on the loop soon; ``RuntimeError`` if the inbox is closed or the loop gone.
+
+        If the inbox closes before ``call`` runs, ``refused()`` runs instead (on the closing thread).
+        """
+        entry = (call, refused)
+        self._calls.append(entry)
+        if self._closed:  # closed meanwhile: take it back, unless close() has already handled it
+            try:
+                self._calls.remove(entry)
+            except ValueError:
+                return
+            raise RuntimeError("the batcher's worker has stopped")
         if self._scheduled:  # a drain is scheduled and has not started: it will run this call
             return
         with self._lock:
@@ -51,7 +62,17 @@ class Inbox:
         self._scheduled = False  # first: a call posted from now on schedules another drain
         calls = self._calls
         while calls:
-            calls.popleft()()
+            call, _ = calls.popleft()
+            call()
+
+    def close(self) -> None:
+        """No more calls: the ones still waiting are refused (their ``refused()`` runs), later posts raise."""
+        self._closed = True
+        calls = self._calls
+        while calls:
+            _, refused = calls.popleft()
+            if refused is not None:
+                refused()
 
 
 class ThreadFuture(concurrent.futures.Future[T]):

@@ -123,8 +123,8 @@ class Worker:
             scheduler.expire(now)
             self._dispatch(now)
             if scheduler.closing:
-                if not scheduler.pending and len(self._idle) == len(self._slots):
-                    return  # drained: everything accepted has been answered
+                if not scheduler.pending and all(slot.batch is None or slot.hung for slot in self._slots):
+                    return  # drained: everything accepted has been answered (a hung call is not waited for)
                 if not self._idle and all(slot.hung for slot in self._slots):
                     scheduler.fail_queued(self._hung_error(closing=True))  # nothing can run them
                     return
@@ -321,12 +321,16 @@ class Worker:
             batch, slot.batch = slot.batch, None
             if batch is not None:
                 scheduler.fail_batch(batch, error)
+                if slot.hung:
+                    slot.hung = False
+                    scheduler.unblocked(batch)  # its late return comes to no slot: stop counting it
             if slot.runner is not None:
                 slot.runner.stop(join=batch is None)  # a busy thread exits when its run returns
                 slot.runner = None
         failed = scheduler.fail_queued(error)
         if failed:
             logger.warning("batcher %r stopped with %d queued requests; failed them", scheduler.name, failed)
+        self.inbox.close()  # requests handed over from threads but not queued yet are refused
         self.done.set()
         logger.debug("batcher %r: worker stopped", scheduler.name)
 
@@ -340,7 +344,11 @@ class Worker:
             batch, slot.batch = slot.batch, None
             if batch is not None:
                 self._scheduler.fail_batch(batch, error)
+                if slot.hung:
+                    slot.hung = False
+                    self._scheduler.unblocked(batch)
             if slot.runner is not None:
                 slot.runner.stop(join=False)
                 slot.runner = None
         self._scheduler.fail_queued(error)
+        self.inbox.close()
