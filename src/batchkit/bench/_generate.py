@@ -35,14 +35,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
-
 import batchkit
 
 from ._gru import GRU, Item, Prompt, State, draw_length
 from ._loads import HEARTBEAT_S, Load, _heartbeat, _Recorder, clock, generator_reach
 from ._peers import _import, _missing, ray_serve_batcher, stop_ray_serve_batcher
-from ._results import REACH, machine_info
+from ._results import REACH, machine_info, percentiles_ms
 from ._variants import Setting
 
 if TYPE_CHECKING:
@@ -338,16 +336,10 @@ class GenCell:
         return self.load_reach is not None and self.load_reach < REACH
 
 
-def _percentiles(values: list[float], qs: tuple[float, ...]) -> list[float | None]:
-    if not values:
-        return [None] * len(qs)
-    return [float(v) * 1000.0 for v in np.percentile(np.asarray(values), qs)]
-
-
 def summarize(family: str, setting: Setting | None, load: Load, trace: GenTrace, mean_rows: float) -> GenCell:
-    first_p50, first_p99 = _percentiles(trace.first + trace.unfinished, (50, 99))
-    p50, p99 = _percentiles(trace.latencies + trace.unfinished, (50, 99))
-    (lag_p99,) = _percentiles(trace.lags, (99,))
+    first_p50, first_p99 = percentiles_ms(trace.first + trace.unfinished, (50, 99))
+    p50, p99 = percentiles_ms(trace.latencies + trace.unfinished, (50, 99))
+    (lag_p99,) = percentiles_ms(trace.lags, (99,))
     name = family if setting is None else f"{family}[{setting.label}]"
     return GenCell(
         variant=name,

@@ -16,7 +16,7 @@ import batchkit
 
 from ._loads import HEARTBEAT_S, Load, Trace
 
-__all__ = ["LAG_JITTER_MS", "REACH", "Cell", "machine_info", "summarize", "write_json"]
+__all__ = ["LAG_JITTER_MS", "REACH", "Cell", "machine_info", "percentiles_ms", "summarize", "write_json"]
 
 
 REACH = 0.95
@@ -70,7 +70,8 @@ class Cell:
         return self.load_reach is not None and self.load_reach < REACH
 
 
-def _percentiles(values: list[float], qs: tuple[float, ...]) -> list[float | None]:
+def percentiles_ms(values: list[float], qs: tuple[float, ...]) -> list[float | None]:
+    """The ``qs`` percentiles of ``values`` (seconds), in milliseconds; None for each when there are none."""
     if not values:
         return [None] * len(qs)
     return [float(v) * 1000.0 for v in np.percentile(np.asarray(values), qs)]
@@ -80,11 +81,11 @@ def summarize(
     variant: str, family: str, max_batch_size: int | None, load: Load, trace: Trace, mean_batch_size: float
 ) -> Cell:
     latencies = trace.latencies + trace.unfinished
-    p50, p95, p99 = _percentiles(latencies, (50, 95, 99))
+    p50, p95, p99 = percentiles_ms(latencies, (50, 95, 99))
     lag_p99: float | None = None
     lag_max: float | None = None
     if trace.lags:
-        (lag_p99,) = _percentiles(trace.lags, (99,))
+        (lag_p99,) = percentiles_ms(trace.lags, (99,))
         lag_max = max(trace.lags) * 1000.0
     return Cell(
         variant=variant,
