@@ -21,6 +21,7 @@ from ._errors import (
 )
 from ._padding import PaddedBatch, PadSequences, pad_sequences
 from ._settings import DEFAULT_MAX_QUEUE_SIZE, BatcherOptions
+from ._shared import SharedExecutor, SharedExecutorStats
 from ._stats import BatcherStats, LatencySummary
 from ._step import StepBatcher, StepModel
 from ._stream import END
@@ -46,6 +47,8 @@ __all__ = [
     "PaddedBatch",
     "QueueFullError",
     "RequestTimeoutError",
+    "SharedExecutor",
+    "SharedExecutorStats",
     "StepBatcher",
     "StepModel",
     "StreamBufferFullError",

@@ -41,6 +41,7 @@ from ._padding import PadSequences
 from ._runner import Replicas
 from ._scheduler import Scheduler
 from ._settings import DEFAULT_MAX_QUEUE_SIZE, BatcherOptions, ModuleBatcherOptions, Settings
+from ._shared import SharedExecutor
 from ._stats import BatcherStats
 from ._stream import Channel
 from ._threads import ThreadFuture
@@ -173,6 +174,12 @@ class Batcher(Generic[InT, OutT]):
             and ``fn`` reads its batch's key with ``batchkit.current_batch_key()``.
             Groups take turns: the due group whose oldest request is oldest goes
             first, so no key starves another.
+        executor: a ``SharedExecutor`` shared with the other batchers of one
+            device: at most its ``max_concurrent_batches`` batches of all of
+            them run at once, taken in fair turns (see ``SharedExecutor``).
+        weight: this batcher's share of the shared executor's time, relative
+            to the other batchers' (2: twice the device time when both are
+            saturated).
         stream_buffer: for a generator ``fn``, the items buffered for one
             ``stream()`` reader; one that falls that far behind is cut off with
             ``StreamBufferFullError`` (the other rows never wait for it).
@@ -213,6 +220,8 @@ class Batcher(Generic[InT, OutT]):
         stream_buffer: int = 1024,
         replace_hung: bool = False,
         batch_key: Callable[[Any], Hashable] | None = None,
+        executor: SharedExecutor | None = None,
+        weight: float = 1.0,
         name: str | None = None,
     ) -> None:
         if not callable(fn):
@@ -239,6 +248,8 @@ class Batcher(Generic[InT, OutT]):
             "stream_buffer": stream_buffer,
             "replace_hung": replace_hung,
             "batch_key": batch_key,
+            "executor": executor,
+            "weight": weight,
         }
         settings = Settings.build(is_async=self._is_async, **options)
         collator = make_collator(collate)
@@ -615,8 +626,16 @@ class Batcher(Generic[InT, OutT]):
         return worker
 
     def _new_worker(self, scheduler: Scheduler, backend: Backend) -> BoundWorker:
+        settings = scheduler.settings
         return Worker(
-            scheduler, backend, self._executor, self._slot_fns, is_async=self._is_async, streams=self._streams
+            scheduler,
+            backend,
+            self._executor,
+            self._slot_fns,
+            is_async=self._is_async,
+            streams=self._streams,
+            shared=settings.executor,
+            weight=settings.weight,
         )
 
     def _forget(self, worker: BoundWorker) -> None:

@@ -275,6 +275,16 @@ class Scheduler:
             if batch is not None:
                 return batch
 
+    def due(self, now: float) -> tuple[float, float] | None:
+        """What ``take(now)`` would send: its earliest deadline and expected run time; None if nothing is due."""
+        key = self._due_group(now)
+        if key is _NO_GROUP:
+            return None
+        for group_key, group in self._queue.groups():
+            if group_key == key:
+                return group.earliest_deadline(), self.cost_model.expected(min(group.live, self.limit))
+        return None  # pragma: no cover - _due_group returns the key of a group it saw
+
     def _take_group(self, key: Hashable, now: float, limit: int) -> Batch | None:
         requests = self._queue.pop(key, limit, self.settings.max_batch_cost, self._padded_cost)
         backend = self._backend

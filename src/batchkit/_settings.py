@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, TypedDict
 
 from ._collate import CollateArg
+from ._shared import SharedExecutor
 
 __all__ = ["DEFAULT_MAX_QUEUE_SIZE", "BatcherOptions", "ModuleBatcherOptions", "Settings", "check_ms"]
 
@@ -35,6 +36,8 @@ class ModuleBatcherOptions(TypedDict, total=False):
     batch_cost: Callable[[Any], float] | None
     max_batch_cost: float | None
     batch_key: Callable[[Any], Hashable] | None
+    executor: SharedExecutor | None
+    weight: float
     priority_aging_ms: float
     stream_buffer: int
     replace_hung: bool
@@ -106,6 +109,10 @@ class Settings:
     """After a run past run_timeout_ms: a fresh thread at once (True), or the slot waits for the call (False)."""
     batch_key: Callable[[Any], Hashable] | None = None
     """Requests whose keys differ never share a batch."""
+    executor: SharedExecutor | None = None
+    """Where batches take turns with other batchers' (None: this batcher's slots alone)."""
+    weight: float = 1.0
+    """This batcher's share of a shared executor's time, relative to the others'."""
 
     @classmethod
     def build(
@@ -128,12 +135,22 @@ class Settings:
         stream_buffer: int = 1024,
         replace_hung: bool = False,
         batch_key: Callable[[Any], Hashable] | None = None,
+        executor: SharedExecutor | None = None,
+        weight: float = 1.0,
     ) -> Settings:
         """Check every option (raising ``TypeError``/``ValueError`` naming the bad one)."""
         if batch_cost is not None and not callable(batch_cost):
             raise TypeError("batch_cost must be a callable: input -> cost")
         if batch_key is not None and not callable(batch_key):
             raise TypeError("batch_key must be a callable: input -> hashable key")
+        if executor is not None and not isinstance(executor, SharedExecutor):
+            raise TypeError(f"executor must be a batchkit.SharedExecutor, got {type(executor).__qualname__}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"weight must be a number, got {type(weight).__qualname__}")
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"weight must be finite and greater than 0, got {weight}")
+        if weight != 1.0 and executor is None:
+            raise ValueError("weight is a share of a shared executor: give executor= too")
         if (batch_cost is None) != (max_batch_cost is None):
             raise ValueError("batch_cost and max_batch_cost go together")
         if on_error not in ("raise", "isolate"):
@@ -169,6 +186,8 @@ class Settings:
             stream_buffer=_positive_int("stream_buffer", stream_buffer),
             replace_hung=_flag("replace_hung", replace_hung),
             batch_key=batch_key,
+            executor=executor,
+            weight=float(weight),
         )
         return base.replace(
             max_batch_size=max_batch_size,

@@ -36,6 +36,7 @@ from ._execute import Executor, Outcome
 from ._queue import RUNNING
 from ._runner import Slot, ThreadRunner
 from ._scheduler import Batch, Scheduler, clock
+from ._shared import Lease, SharedExecutor
 from ._threads import Inbox
 
 __all__ = ["BoundWorker", "Worker", "current_batch_key"]
@@ -85,6 +86,8 @@ class Worker:
         *,
         is_async: bool,
         streams: bool = False,
+        shared: SharedExecutor | None = None,
+        weight: float = 1.0,
     ) -> None:
         self.backend = backend
         self.inbox = Inbox(backend.call_soon_threadsafe)  # requests from other threads
@@ -97,6 +100,16 @@ class Worker:
         self._slots = [Slot(i, fn, None if is_async else self._new_runner(i)) for i, fn in enumerate(slot_fns)]
         self._idle = list(reversed(self._slots))  # pop() hands out slot 0 first
         self._task_group: anyio.abc.TaskGroup | None = None
+        # A shared executor's turn is needed to start a batch (see _shared).
+        self._lease: Lease | None = None if shared is None else shared.join(scheduler.name, weight, self._turn_granted)
+
+    def _turn_granted(self) -> None:
+        """From any thread: the shared executor promised this worker a turn; wake it to take it."""
+        try:
+            self.backend.call_soon_threadsafe(self._scheduler.wake)
+        except RuntimeError:  # the loop is gone: pass the turn on
+            if self._lease is not None:
+                self._lease.leave(clock())
 
     def _new_runner(self, index: int, replacement: int = 0) -> ThreadRunner:
         suffix = f"-r{replacement}" if replacement else ""  # names stay unique after a hung thread
@@ -129,15 +142,29 @@ class Worker:
                     scheduler.fail_queued(self._hung_error(closing=True))  # nothing can run them
                     return
             until = min((s.deadline for s in self._slots if s.deadline is not None), default=math.inf)
-            await scheduler.sleep(can_start=bool(self._idle), until=until)
+            waiting_turn = self._lease is not None and self._lease.waiting  # woken when it is promised one
+            await scheduler.sleep(can_start=bool(self._idle) and not waiting_turn, until=until)
 
     def _dispatch(self, now: float) -> None:
-        """Start a due batch in every free slot."""
+        """Start a due batch in every free slot (with a shared executor: each on a turn of its own)."""
+        lease = self._lease
         while self._idle:
+            if lease is not None and not self._take_turn(lease, now):
+                return
             batch = self._scheduler.take(now)
             if batch is None:
+                if lease is not None:
+                    lease.release(0.0, now, ran=False)
                 return
             self._start(batch)
+
+    def _take_turn(self, lease: Lease, now: float) -> bool:
+        due = self._scheduler.due(now)
+        if due is None:
+            lease.withdraw(now)
+            return False
+        deadline, expected = due
+        return lease.acquire(deadline, expected, now)
 
     def _start(self, batch: Batch) -> None:
         slot = self._idle.pop()
@@ -255,7 +282,12 @@ class Worker:
         scheduler.answer(batch, outcome)
 
     def _release(self, slot: Slot) -> None:
+        batch = slot.batch
         slot.batch = slot.deadline = None
+        if self._lease is not None and batch is not None:
+            now = clock()
+            wants = None if self.retired else self._scheduler.due(now)
+            self._lease.release(now - batch.started_at, now, wants=wants)
         self._idle.append(slot)
         self._scheduler.wake()
 
@@ -330,6 +362,8 @@ class Worker:
         failed = scheduler.fail_queued(error)
         if failed:
             logger.warning("batcher %r stopped with %d queued requests; failed them", scheduler.name, failed)
+        if self._lease is not None:
+            self._lease.leave(clock())
         self.inbox.close()  # requests handed over from threads but not queued yet are refused
         self.done.set()
         logger.debug("batcher %r: worker stopped", scheduler.name)
@@ -351,4 +385,6 @@ class Worker:
                 slot.runner.stop(join=False)
                 slot.runner = None
         self._scheduler.fail_queued(error)
+        if self._lease is not None:
+            self._lease.leave(clock())
         self.inbox.close()
