@@ -93,3 +93,18 @@ def test_generator_stream_example(backend: str) -> None:
     out = run_example("generator_stream.py", backend)
     assert "countdown 1: [1]\ncountdown 3: [3, 2, 1]\ncountdown 5: [5, 4, 3, 2, 1]\n" in out, out
     assert "5 streams, 0 failed" in out, out
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_several_models_example(backend: str) -> None:
+    out = run_example("several_models.py", backend)
+    served = {name: (int(n), int(b)) for name, n, b in re.findall(r"(\w+): (\d+) requests in (\d+) batches", out)}
+    assert set(served) == {"embedder", "reranker", "classifier"}, out
+    for requests, batches in served.values():
+        assert requests == 300
+        assert batches < requests, out
+    assert "most batches running at once: 1\n" in out, out  # one SharedExecutor turn
+    assert "classifier batches mixing customers: 0\n" in out, out
+    shares = re.search(r"device time: (.*)", out)
+    assert shares, out
+    assert {part.split()[0] for part in shares.group(1).split(", ")} == set(served)
