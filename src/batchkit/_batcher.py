@@ -159,7 +159,12 @@ class Batcher(Generic[InT, OutT]):
         allowed_batch_sizes: pad every batch up to the next of these sizes
             (static shapes for compiled models); padded outputs are dropped.
         replicas: worker threads running a synchronous ``fn`` side by side.
-        max_concurrent_batches: batches an async ``fn`` may run at once.
+            ``"auto"``: up to 8, as many as raise throughput (for a model that
+            releases the GIL or waits on I/O); ``stats().concurrency_limit``
+            shows the number in use.
+        max_concurrent_batches: batches an async ``fn`` may run at once;
+            ``"auto"``: up to 16, as many as raise throughput (a model that
+            awaits a remote call).
         max_latency_ms: with ``max_wait_ms="auto"``, a budget the adaptive wait
             keeps to (from a request's arrival to its batch's expected end).
         batch_cost: the cost of one input (say, its number of tokens); with
@@ -211,8 +216,8 @@ class Batcher(Generic[InT, OutT]):
         on_error: Literal["raise", "isolate"] = "raise",
         run_timeout_ms: float | None = None,
         allowed_batch_sizes: Sequence[int] | None = None,
-        replicas: int = 1,
-        max_concurrent_batches: int = 1,
+        replicas: int | Literal["auto"] = 1,
+        max_concurrent_batches: int | Literal["auto"] = 1,
         max_latency_ms: float | None = None,
         batch_cost: Callable[[Any], float] | None = None,
         max_batch_cost: float | None = None,
@@ -258,7 +263,7 @@ class Batcher(Generic[InT, OutT]):
         if isinstance(fn, Replicas):
             self._slot_fns = list(fn.fns)
         else:
-            self._slot_fns = [fn] * (max_concurrent_batches if self._is_async else replicas)
+            self._slot_fns = [fn] * settings.slots
         self._name = name or getattr(fn, "__qualname__", None) or type(fn).__qualname__
         self._executor = Executor(collator, isolate=on_error == "isolate", allowed_sizes=settings.allowed_batch_sizes)
         self._scheduler = Scheduler(

@@ -122,6 +122,7 @@ class Scheduler:
         self._policy: FlushPolicy = make_policy(settings, self.cost_model, self._arrivals)
         self._oom = OomCap()
         self.limit = settings.limit  # the largest batch to form now (OOM cap included)
+        self.concurrency_limit = settings.slots  # batches in flight allowed now (the worker's, with "auto")
         self._backend: Backend | None = None
         self._running: set[Batch] = set()
         self._blocked: set[Batch] = set()  # hung batches whose slot waits for the call to return
@@ -596,4 +597,5 @@ class Scheduler:
             oldest_queued_ms=max(0.0, now - self._oldest_queued) * 1000 if pending else 0.0,
             oldest_running_ms=(now - min(started)) * 1000 if started else 0.0,
             blocked_slots=len(self._blocked),
+            concurrency_limit=self.concurrency_limit,
         )

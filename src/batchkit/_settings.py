@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, cast
 
 from ._collate import CollateArg
 from ._shared import SharedExecutor
@@ -19,6 +19,9 @@ __all__ = ["DEFAULT_MAX_QUEUE_SIZE", "BatcherOptions", "ModuleBatcherOptions", "
 
 DEFAULT_MAX_QUEUE_SIZE = 10_000
 """Default bound on queued requests: enough for bursts, small enough to shed real overload."""
+
+AUTO_SLOTS = {True: 16, False: 8}
+"""With ``"auto"``: the most batches in flight an async model (True) or threads a sync one (False) may get."""
 
 
 class ModuleBatcherOptions(TypedDict, total=False):
@@ -47,8 +50,8 @@ class ModuleBatcherOptions(TypedDict, total=False):
 class BatcherOptions(ModuleBatcherOptions, total=False):
     """The keyword options of ``Batcher`` (see its docstring), for APIs that pass them on."""
 
-    replicas: int
-    max_concurrent_batches: int
+    replicas: int | Literal["auto"]
+    max_concurrent_batches: int | Literal["auto"]
 
 
 def check_ms(name: str, value: object, *, allow_zero: bool = False) -> float:
@@ -65,7 +68,8 @@ def check_ms(name: str, value: object, *, allow_zero: bool = False) -> float:
 
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__qualname__}")
+        also = ' or "auto"' if name in ("replicas", "max_concurrent_batches") else ""
+        raise TypeError(f"{name} must be an int{also}, got {type(value).__qualname__}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
     return value
@@ -113,6 +117,13 @@ class Settings:
     """Where batches take turns with other batchers' (None: this batcher's slots alone)."""
     weight: float = 1.0
     """This batcher's share of a shared executor's time, relative to the others'."""
+    auto_concurrency: bool = False
+    """``"auto"`` was given: batches in flight are tuned between 1 and the slots (``ConcurrencyTuner``)."""
+
+    @property
+    def slots(self) -> int:
+        """Places a batch can run: threads of a synchronous model, or batches in flight of an async one."""
+        return max(self.replicas, self.max_concurrent_batches)  # the other one is 1
 
     @classmethod
     def build(
@@ -126,8 +137,8 @@ class Settings:
         on_error: Literal["raise", "isolate"] = "raise",
         run_timeout_ms: float | None = None,
         allowed_batch_sizes: Sequence[int] | None = None,
-        replicas: int = 1,
-        max_concurrent_batches: int = 1,
+        replicas: int | Literal["auto"] = 1,
+        max_concurrent_batches: int | Literal["auto"] = 1,
         max_latency_ms: float | None = None,
         batch_cost: Callable[[Any], float] | None = None,
         max_batch_cost: float | None = None,
@@ -155,12 +166,18 @@ class Settings:
             raise ValueError("batch_cost and max_batch_cost go together")
         if on_error not in ("raise", "isolate"):
             raise ValueError(f"on_error must be 'raise' or 'isolate', got {on_error!r}")
-        _positive_int("replicas", replicas)
-        _positive_int("max_concurrent_batches", max_concurrent_batches)
         if is_async and replicas != 1:
             raise ValueError("replicas is for synchronous models; an async model takes max_concurrent_batches")
         if not is_async and max_concurrent_batches != 1:
             raise ValueError("max_concurrent_batches is for async models; a synchronous model takes replicas")
+        auto = (max_concurrent_batches if is_async else replicas) == "auto"
+        if auto:
+            if is_async:
+                max_concurrent_batches = AUTO_SLOTS[True]
+            else:
+                replicas = AUTO_SLOTS[False]
+        _positive_int("replicas", replicas)
+        _positive_int("max_concurrent_batches", max_concurrent_batches)
         allowed = None
         if allowed_batch_sizes is not None:
             allowed = tuple(sorted({_positive_int("allowed_batch_sizes", size) for size in allowed_batch_sizes}))
@@ -179,8 +196,8 @@ class Settings:
             run_timeout=_optional_seconds("run_timeout_ms", run_timeout_ms),
             max_latency=_optional_seconds("max_latency_ms", max_latency_ms),
             priority_aging=check_ms("priority_aging_ms", priority_aging_ms, allow_zero=True) / 1000,
-            replicas=replicas,
-            max_concurrent_batches=max_concurrent_batches,
+            replicas=cast("int", replicas),
+            max_concurrent_batches=cast("int", max_concurrent_batches),
             limit=1,
             slack=10.0,
             stream_buffer=_positive_int("stream_buffer", stream_buffer),
@@ -188,6 +205,7 @@ class Settings:
             batch_key=batch_key,
             executor=executor,
             weight=float(weight),
+            auto_concurrency=auto,
         )
         return base.replace(
             max_batch_size=max_batch_size,

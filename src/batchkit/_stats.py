@@ -157,6 +157,9 @@ class BatcherStats:
     """Slots whose call ran past ``run_timeout_ms`` and has not returned yet: the model is never
     called twice at once, so they serve nothing until it does. A readiness check should fail
     while every slot is blocked, or ``oldest_running_ms`` grows past what the model can take."""
+    concurrency_limit: int = 1
+    """Batches allowed in flight now: ``replicas`` or ``max_concurrent_batches``, or with ``"auto"``
+    the number the tuner has found to pay."""
 
     @property
     def mean_batch_size(self) -> float:
@@ -206,6 +209,7 @@ class Counters:
         oldest_queued_ms: float = 0.0,
         oldest_running_ms: float = 0.0,
         blocked_slots: int = 0,
+        concurrency_limit: int = 1,
     ) -> BatcherStats:
         return BatcherStats(
             requests=self.requests,
@@ -227,4 +231,5 @@ class Counters:
             oldest_queued_ms=oldest_queued_ms,
             oldest_running_ms=oldest_running_ms,
             blocked_slots=blocked_slots,
+            concurrency_limit=concurrency_limit,
         )

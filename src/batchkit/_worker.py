@@ -38,6 +38,7 @@ from ._runner import Slot, ThreadRunner
 from ._scheduler import Batch, Scheduler, clock
 from ._shared import Lease, SharedExecutor
 from ._threads import Inbox
+from ._tuner import ConcurrencyTuner
 
 __all__ = ["BoundWorker", "Worker", "current_batch_key"]
 
@@ -99,6 +100,8 @@ class Worker:
         self._streams = streams
         self._slots = [Slot(i, fn, None if is_async else self._new_runner(i)) for i, fn in enumerate(slot_fns)]
         self._idle = list(reversed(self._slots))  # pop() hands out slot 0 first
+        self._tuner = ConcurrencyTuner(len(self._slots)) if scheduler.settings.auto_concurrency else None
+        scheduler.concurrency_limit = len(self._slots) if self._tuner is None else self._tuner.limit
         self._task_group: anyio.abc.TaskGroup | None = None
         # A shared executor's turn is needed to start a batch (see _shared).
         self._lease: Lease | None = None if shared is None else shared.join(scheduler.name, weight, self._turn_granted)
@@ -143,12 +146,12 @@ class Worker:
                     return
             until = min((s.deadline for s in self._slots if s.deadline is not None), default=math.inf)
             waiting_turn = self._lease is not None and self._lease.waiting  # woken when it is promised one
-            await scheduler.sleep(can_start=bool(self._idle) and not waiting_turn, until=until)
+            await scheduler.sleep(can_start=self._can_start() and not waiting_turn, until=until)
 
     def _dispatch(self, now: float) -> None:
         """Start a due batch in every free slot (with a shared executor: each on a turn of its own)."""
         lease = self._lease
-        while self._idle:
+        while self._can_start():
             if lease is not None and not self._take_turn(lease, now):
                 return
             batch = self._scheduler.take(now)
@@ -157,6 +160,12 @@ class Worker:
                     lease.release(0.0, now, ran=False)
                 return
             self._start(batch)
+
+    def _can_start(self) -> bool:
+        """A slot is free (and, with ``"auto"``, fewer batches run than the tuner allows)."""
+        if self._tuner is None:
+            return bool(self._idle)
+        return len(self._slots) - len(self._idle) < self._tuner.limit
 
     def _take_turn(self, lease: Lease, now: float) -> bool:
         due = self._scheduler.due(now)
@@ -277,6 +286,9 @@ class Worker:
         self._release(slot)
         scheduler = self._scheduler
         scheduler.learn(batch, outcome)  # a new memory cap applies to the very next batch
+        if self._tuner is not None:
+            self._tuner.observe(len(batch.requests), clock(), saturated=scheduler.pending > 0)
+            scheduler.concurrency_limit = self._tuner.limit
         if not self.retired:
             self._dispatch(clock())
         scheduler.answer(batch, outcome)
