@@ -27,9 +27,10 @@ def drive(tuner: ConcurrencyTuner, rate_of: Callable[[int], float], batches: int
 def test_it_climbs_while_more_in_flight_pays_and_settles_where_it_stops() -> None:
     tuner = ConcurrencyTuner(16)
     limits = drive(tuner, lambda n: 100.0 * min(n, 5))  # 5 batches in flight saturate what the model waits on
-    assert max(limits) <= 6  # one probe past the knee at most
+    assert limits.index(5) < 1200  # within ten windows: strides double while they pay, then it steps back down
     late = limits[len(limits) // 2 :]
-    assert late.count(5) > 0.8 * len(late)  # it stays there, probing ever more rarely
+    assert late.count(5) > 0.75 * len(late)  # and stays there, probing ever more rarely
+    assert set(late) <= {4, 5, 6}  # its probes go one step either way
 
 
 def test_it_stays_at_one_when_more_never_pays() -> None:
@@ -44,11 +45,11 @@ def test_it_comes_back_down_when_fewer_do_as_well() -> None:
     tuner = ConcurrencyTuner(8)
     rate = {"knee": 6}
     limits = drive(tuner, lambda n: 100.0 * min(n, rate["knee"]), batches=2000)
-    assert limits[-500:].count(6) > 400
+    assert limits[-500:].count(6) > 300
     rate["knee"] = 2  # the remote service got slower: only 2 in flight pay now
     limits = drive(tuner, lambda n: 100.0 * min(n, rate["knee"]), batches=6000)
     late = limits[len(limits) // 2 :]
-    assert late.count(2) > 0.8 * len(late)
+    assert late.count(2) > 0.75 * len(late)
 
 
 def test_unsaturated_batches_decide_nothing() -> None:

@@ -14,15 +14,15 @@ empty queue, throughput says nothing about the limit):
 * it measures the throughput at the current limit over a window of batches,
   then *probes* one more batch in flight for a window;
 * a probe that raises throughput by at least ``GAIN`` is kept, and the next one
-  follows at once; one that does not is undone, and the next probe waits twice
-  as many windows as the last (up to ``MAX_PATIENCE``), so a model that gains
-  nothing is probed ever more rarely;
-* now and then it probes one batch *fewer*: kept when throughput holds within
-  ``GAIN``, so the limit comes back down when more no longer pays (fewer
+  follows at once, twice as far (1, 2, 4... more); one that does not is undone,
+  and the next upward probe waits twice as many windows as the last (up to
+  ``MAX_PATIENCE``), so a model that gains nothing is probed ever more rarely;
+* after an upward probe that did not pay, it probes one batch *fewer*: kept
+  when throughput holds within ``GAIN`` (and then one fewer again), so the
+  limit comes back down from an overshoot, or when more no longer pays (fewer
   batches in flight, each shorter: lower latency at the same throughput);
-* a kept probe is followed by another the same way at once; and when the
-  throughput at a settled limit moves by more than twice ``GAIN`` (the model,
-  or the service it calls, changed speed), it probes again at once.
+* when the throughput at a settled limit moves by more than twice ``GAIN``
+  (the model, or the service it calls, changed speed), it probes again at once.
 
 So the limit settles where one more batch in flight no longer buys throughput,
 and at saturation more throughput is lower latency too (a request waits for the
@@ -47,6 +47,7 @@ class ConcurrencyTuner:
         "_patience",
         "_rows",
         "_started",
+        "_step",
         "_wait",
         "limit",
         "maximum",
@@ -65,7 +66,8 @@ class ConcurrencyTuner:
         self._base_rate: float | None = None  # rows/s at the settled limit
         self._direction = 0  # the probe in progress: +1, -1, or 0 (measuring the settled limit)
         self._momentum = 0  # the direction of the last probe that was kept: the next goes the same way
-        self._patience = 1  # windows to wait before the next upward probe
+        self._step = 1  # the size of the next upward probe: doubles while probes pay
+        self._patience = 1  # windows to wait before the next upward probe: doubles each time one fails
         self._wait = 0
         self._rows = 0
         self._batches = 0
@@ -94,40 +96,44 @@ class ConcurrencyTuner:
         if self._direction == 0:  # a window at the settled limit
             if base is not None and abs(rate - base) > 2 * self.GAIN * base:
                 # The model (or what it waits on) changed speed: look again soon, fewer first if slower.
-                self._settle(rate, patience=1, momentum=-1 if rate < base else +1)
+                self._settle(rate, momentum=-1 if rate < base else +1)
                 return
             self._base_rate = rate if base is None else 0.5 * (base + rate)
             self._wait += 1
-            if self._wait < self._patience:
-                return
-            self._wait = 0
-            down = self._momentum < 0 or self.limit == self.maximum or (self._momentum == 0 and self.probes % 4 == 3)
-            if down and self.limit > 1:
-                self._probe(-1)  # (every fourth probe, or on the way down) does one fewer cost anything?
-            elif self.limit < self.maximum:
-                self._probe(+1)
+            if self._momentum < 0 and self.limit > 1:
+                self._probe(-1)  # after a probe up that did not pay, or one down that did: is one fewer as good?
+            elif self._momentum > 0 and self.limit < self.maximum:
+                self._probe(min(self._step, self.maximum - self.limit))
+            elif self._wait >= self._patience:
+                if self.limit < self.maximum:
+                    self._probe(min(self._step, self.maximum - self.limit))
+                elif self.limit > 1:
+                    self._probe(-1)
             return
         assert base is not None
         if self._direction > 0:
             if rate >= base * (1 + self.GAIN):
-                self._settle(rate, patience=1, momentum=+1)  # it paid: climb on at once
+                self._step *= 2
+                self._patience = 1
+                self._settle(rate, momentum=+1)  # it paid: climb on at once, in longer strides
             else:
-                self.limit -= 1
-                self._settle(base, patience=min(self.MAX_PATIENCE, 2 * self._patience), momentum=0)
+                self.limit -= self._direction
+                self._step = 1
+                self._patience = min(self.MAX_PATIENCE, 2 * self._patience)
+                self._settle(base, momentum=-1)
         elif rate >= base * (1 - self.GAIN):
-            self._settle(rate, patience=1, momentum=-1)  # as good with fewer: keep fewer, try fewer still
+            self._settle(rate, momentum=-1)  # as good with fewer: keep fewer, try fewer still
         else:
             self.limit += 1
-            self._settle(base, patience=self._patience, momentum=0)
+            self._settle(base, momentum=0)
 
     def _probe(self, direction: int) -> None:
         self.probes += 1
         self._direction = direction
         self.limit += direction
 
-    def _settle(self, rate: float, *, patience: int, momentum: int) -> None:
+    def _settle(self, rate: float, *, momentum: int) -> None:
         self._direction = 0
         self._momentum = momentum
         self._base_rate = rate
-        self._patience = patience
         self._wait = 0
