@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import math
 import pickle
@@ -304,3 +306,188 @@ def test_batchers_on_two_event_loops_share_one_executor() -> None:
     assert seen.peak == 1
     assert set(seen.order) == {"asyncio", "trio"}
     assert shared.stats().running == 0
+
+
+# -- regressions found by review --------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_an_overloaded_batcher_with_deadlines_does_not_starve_one_without() -> None:
+    """Every batch of an overloaded batcher with deadlines is urgent; urgency must not win every turn."""
+    shared = batchkit.SharedExecutor()
+
+    def slow(batch: list[int]) -> list[int]:
+        time.sleep(0.02)
+        return batch
+
+    heavy = batchkit.Batcher(slow, collate=None, max_batch_size=1, executor=shared, name="heavy")
+    light = batchkit.Batcher(lambda b: b, collate=None, max_batch_size=1, executor=shared, name="light")
+
+    async def one(x: int) -> None:
+        with contextlib.suppress(batchkit.RequestTimeoutError):
+            await heavy.predict(x, timeout_ms=300)
+
+    async def flood() -> None:
+        async with anyio.create_task_group() as tg:
+            for x in range(10_000):  # 200 a second offered, 50 served
+                tg.start_soon(one, x)
+                await anyio.sleep(0.005)
+
+    served = 0
+    with anyio.fail_after(30):
+        async with heavy, light, anyio.create_task_group() as tg:
+            tg.start_soon(flood)
+            await anyio.sleep(0.3)
+            for x in range(5):
+                with anyio.move_on_after(1):  # a few heavy batches at most, not forever
+                    assert await light.predict(x) == x
+                    served += 1
+            tg.cancel_scope.cancel()
+    assert served == 5
+
+
+def test_urgency_jumps_the_line_only_for_a_batcher_not_ahead_of_its_share() -> None:
+    shared, (heavy, light), woken = _executor_with(2)
+    assert heavy.acquire(math.inf, 0.02, now=0.0)
+    assert not light.acquire(math.inf, 0.001, now=0.001)
+    heavy.release(0.02, now=0.02, wants=(0.025, 0.02))  # urgent, but it just ran: the light one goes
+    assert woken == [1]
+    del shared
+
+
+@pytest.mark.anyio
+async def test_a_hung_call_keeps_its_turn_after_its_batcher_closes() -> None:
+    shared = batchkit.SharedExecutor()
+    gate = threading.Event()
+    seen = Concurrency()
+
+    def hangs(batch: list[int]) -> list[int]:
+        seen.model("stuck", 0)(batch)
+        gate.wait(10)
+        return batch
+
+    stuck = batchkit.Batcher(hangs, collate=None, executor=shared, run_timeout_ms=20, name="stuck")
+    other = batchkit.Batcher(lambda b: b, collate=None, executor=shared, name="other")
+    with anyio.fail_after(20):
+        async with other:
+            with pytest.raises(batchkit.ModelTimeoutError):
+                await stuck.predict(1)
+            await stuck.aclose()
+            with anyio.move_on_after(0.1):
+                await other.predict(2)
+                pytest.fail("ran while the closed batcher's hung call still ran on the device")
+            gate.set()
+            assert await other.predict(3) == 3
+    assert shared.stats().running == 0
+
+
+def _gated_batcher(shared: batchkit.SharedExecutor, gate: threading.Event, name: str) -> batchkit.Batcher[int, int]:
+    def model(batch: list[int]) -> list[int]:
+        gate.wait(10)
+        return batch
+
+    return batchkit.Batcher(model, collate=None, max_batch_size=1, executor=shared, name=name)
+
+
+def test_a_run_still_going_when_its_loop_ends_keeps_its_turn_then_gives_it_back() -> None:
+    shared = batchkit.SharedExecutor()
+    gate = threading.Event()
+    first = _gated_batcher(shared, gate, "first")
+    second = batchkit.Batcher(lambda b: b, collate=None, executor=shared, name="second")
+
+    async def start_first() -> None:
+        asyncio.ensure_future(first.predict(1))  # noqa: RUF006 - the loop ends with it pending
+        while shared.stats().running == 0:
+            await asyncio.sleep(0.001)
+
+    asyncio.run(start_first())  # its loop ends while its model still runs
+
+    async def use_second(wait: float) -> bool:
+        with anyio.move_on_after(wait):
+            assert await second.predict(2) == 2
+            return True
+        return False
+
+    assert not anyio.run(use_second, 0.1)  # the running call still holds the only turn
+    gate.set()
+    assert anyio.run(use_second, 5.0)  # and gives it back when it returns
+
+
+def test_a_loop_closed_while_its_run_is_going_gives_the_turn_back_when_the_run_ends() -> None:
+    shared = batchkit.SharedExecutor()
+    gate = threading.Event()
+    first = _gated_batcher(shared, gate, "first")
+    second = batchkit.Batcher(lambda b: b, collate=None, executor=shared, name="second")
+    loop = asyncio.new_event_loop()
+
+    async def use_first() -> None:
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            await asyncio.wait_for(first.predict(1), 0.05)
+
+    loop.run_until_complete(use_first())
+    loop.close()  # without aclose(); the batcher stays referenced
+    gate.set()
+
+    async def use_second() -> int:
+        with anyio.fail_after(5):
+            return await second.predict(2)
+
+    assert anyio.run(use_second) == 2
+    assert shared.stats().running == 0
+
+
+def test_a_turn_promised_to_a_paused_loop_goes_to_a_batcher_that_can_use_it() -> None:
+    shared = batchkit.SharedExecutor()
+    gate = threading.Event()
+    paused = batchkit.Batcher(lambda b: b, collate=None, executor=shared, name="paused")
+    busy = _gated_batcher(shared, gate, "busy")
+    finished = threading.Event()
+
+    def serve_busy() -> None:
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                for x in range(3):
+                    tg.start_soon(busy.predict, x)
+            finished.set()
+
+        anyio.run(main)
+
+    thread = threading.Thread(target=serve_busy)
+    thread.start()
+    while shared.stats().running == 0:
+        time.sleep(0.001)
+    loop = asyncio.new_event_loop()
+
+    async def wait_in_line() -> None:
+        loop.create_task(paused.predict(1))  # noqa: RUF006 - runs again when the loop does
+        while shared.stats().waiting == 0:
+            await asyncio.sleep(0.001)
+
+    loop.run_until_complete(wait_in_line())  # the loop stops with its batcher in line for a turn
+    gate.set()
+    assert finished.wait(5)  # the other batcher is not held up by a loop that is not running
+    thread.join(5)
+    loop.run_until_complete(paused.aclose())  # once it runs again, it is served and closes
+    loop.close()
+
+
+@pytest.mark.anyio
+async def test_executor_stats_forget_batchers_that_are_gone() -> None:
+    shared = batchkit.SharedExecutor()
+
+    class Model:
+        @batchkit.batch(collate=None, executor=shared)
+        def run(self, batch: list[int]) -> list[int]:
+            return batch
+
+    for x in range(200):
+        instance = Model()
+        assert await instance.run(x) == x
+        await instance.run.aclose()
+    assert len(shared.stats().batches) <= 1  # only batchers still open count
+
+
+def test_a_weight_far_outside_any_sensible_share_is_refused() -> None:
+    for weight in (1e-320, 1e-9, 1e9):
+        with pytest.raises(ValueError, match="weight"):
+            batchkit.Batcher(lambda b: b, executor=batchkit.SharedExecutor(), weight=weight)
