@@ -73,15 +73,16 @@ async def test_at_most_n_batches_run_at_once_across_batchers(turns: int, kind: s
         results[which, x] = await batchers[which].predict(x)
 
     with anyio.fail_after(30):
-        async with batchers[0], batchers[1], batchers[2], anyio.create_task_group() as tg:
-            for x in range(40):
-                for which in range(3):
-                    tg.start_soon(one, which, x)
-                if x % 8 == 0:
-                    await anyio.sleep(0.002)
+        async with batchers[0], batchers[1], batchers[2]:
+            async with anyio.create_task_group() as tg:
+                for x in range(40):
+                    for which in range(3):
+                        tg.start_soon(one, which, x)
+                    if x % 8 == 0:
+                        await anyio.sleep(0.002)
+            stats = shared.stats()  # while they are open
     assert results == {(w, x): x + 1 for w in range(3) for x in range(40)}
     assert seen.peak == turns  # reached, never exceeded
-    stats = shared.stats()
     assert stats.running == 0
     assert stats.waiting == 0
     assert sum(stats.batches.values()) == sum(b.stats().batches for b in batchers)
@@ -145,7 +146,7 @@ async def test_a_light_batcher_is_not_starved_by_a_heavily_weighted_one() -> Non
 def _executor_with(waiters: int) -> tuple[batchkit.SharedExecutor, list[Lease], list[int]]:
     shared = batchkit.SharedExecutor()
     woken: list[int] = []
-    leases = [shared.join(f"b{i}", 1.0, lambda i=i: woken.append(i)) for i in range(waiters)]  # type: ignore[misc]
+    leases = [shared.join(f"b{i}", 1.0, lambda i=i: woken.append(i) is None) for i in range(waiters)]  # type: ignore[misc]
     return shared, leases, woken
 
 
@@ -176,7 +177,7 @@ def test_an_urgent_batch_goes_first_and_a_lax_deadline_changes_nothing() -> None
     assert woken == [1, 2]
 
 
-def test_a_promised_turn_not_taken_passes_on_and_leaving_gives_everything_back() -> None:
+def test_a_promised_turn_not_taken_passes_on_and_a_stopped_seats_run_keeps_its_turn_to_the_end() -> None:
     shared, (runner, a, b), woken = _executor_with(3)
     assert runner.acquire(math.inf, 0.0, now=0.0)
     assert not a.acquire(math.inf, 0.0, now=0.0)
@@ -186,9 +187,13 @@ def test_a_promised_turn_not_taken_passes_on_and_leaving_gives_everything_back()
     a.withdraw(now=0.0)  # nothing due on a any more
     assert woken == [1, 2]
     assert b.acquire(math.inf, 0.0, now=0.0)
-    b.leave(now=0.0)  # its worker stopped while running
-    assert shared.stats().running == 0
-    assert runner.acquire(math.inf, 0.0, now=0.0)  # the turn came back
+    b.leave(now=0.0)  # its worker stopped while its run goes on: the run keeps the turn
+    assert shared.stats().running == 1
+    assert not runner.acquire(math.inf, 0.0, now=0.0)
+    b.release(0.0, now=0.0, wants=(0.0, 0.0))  # the run ended: the turn comes back (a gone seat wants none)
+    assert shared.stats().running == 0  # promised to the runner, which was waiting
+    assert runner.acquire(math.inf, 0.0, now=0.0)
+    assert shared.stats().running == 1
 
 
 def test_a_batcher_back_from_idle_banks_no_credit() -> None:

@@ -72,7 +72,7 @@ class Replicas:
 class Slot:
     """One place a batch runs: a replica of the model and its thread (None for an async model)."""
 
-    __slots__ = ("batch", "deadline", "fn", "hung", "index", "replacements", "runner")
+    __slots__ = ("batch", "deadline", "fn", "hung", "index", "replacements", "returned", "runner", "turn")
 
     def __init__(self, index: int, fn: Callable[[Any], Any], runner: ThreadRunner | None) -> None:
         self.index = index
@@ -82,3 +82,5 @@ class Slot:
         self.deadline: float | None = None  # when the running batch counts as hung
         self.hung = False  # blocked: its call ran past run_timeout_ms and has not returned yet
         self.replacements = 0  # threads given to it after hung calls (replace_hung)
+        self.turn: Any = None  # the batch holding a shared executor's turn on this slot
+        self.returned: Any = None  # the last batch whose call returned on this slot's thread

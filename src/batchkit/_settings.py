@@ -158,8 +158,8 @@ class Settings:
             raise TypeError(f"executor must be a batchkit.SharedExecutor, got {type(executor).__qualname__}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise TypeError(f"weight must be a number, got {type(weight).__qualname__}")
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"weight must be finite and greater than 0, got {weight}")
+        if not 1e-3 <= weight <= 1e3:  # shares beyond a million to one say nothing more, and overflow
+            raise ValueError(f"weight must be between 0.001 and 1000, got {weight}")
         if weight != 1.0 and executor is None:
             raise ValueError("weight is a share of a shared executor: give executor= too")
         if (batch_cost is None) != (max_batch_cost is None):

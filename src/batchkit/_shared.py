@@ -5,9 +5,11 @@ starts a batch it asks the executor for a *turn*; the executor grants at most
 ``max_concurrent_batches`` turns at once across all its batchers, and when a turn
 comes free it picks who goes next:
 
-* **urgency first**: a waiting batcher whose batch would miss its earliest
-  deadline if it let the longest of the other waiting batches run first goes
-  now (earliest deadline first among such batchers);
+* **urgency first, within a round**: a waiting batcher whose batch would miss
+  its earliest deadline if it let the longest batch of another waiting batcher
+  run first goes now (earliest deadline first among such batchers), unless it
+  is ahead of the least-served batcher by more than that batch: an overloaded
+  batcher with deadlines cannot take more than its share by being urgent;
 * **otherwise by weight**: the batcher that has had the least device time for
   its weight goes (start-time fair queuing: each batcher's *virtual time*
   advances by ``seconds / weight`` per batch it ran; a batcher back from idle
@@ -20,7 +22,9 @@ device in proportion to their weights.
 The executor is thread-safe: batchers on different event loops may share it.
 A turn is handed to a waiting worker by waking its loop (``call_soon_threadsafe``);
 the worker takes the turn on its loop, or passes it on if nothing is due there
-any more.
+any more; a worker that is gone, or whose loop is not running, cannot take it,
+and it goes to the next in line. A turn belongs to a run: it comes back when the
+run ends, even if its worker stopped meanwhile (see ``Worker``).
 """
 
 from __future__ import annotations
@@ -43,9 +47,9 @@ class SharedExecutorStats:
     waiting: int
     """Batchers with a batch due, waiting for a turn."""
     device_seconds: Mapping[str, float]
-    """Per batcher (by name): seconds its batches held a turn."""
+    """Per open batcher (by name; batchers of one name add up): seconds its batches held a turn."""
     batches: Mapping[str, int]
-    """Per batcher (by name): batches it ran."""
+    """Per open batcher (by name): batches it ran."""
 
 
 class SharedExecutor:
@@ -73,11 +77,10 @@ class SharedExecutor:
         self.name = name
         self._lock = threading.Lock()
         self._free = max_concurrent_batches  # turns neither held nor promised to a waiter
+        self._promised = 0  # turns promised to a seat that has not taken them yet
         self._waiting: list[Lease] = []
         self._leases: list[Lease] = []
         self._vclock = 0.0  # the virtual time of the latest batcher to get a turn
-        self._device_seconds: dict[str, float] = {}
-        self._batches: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"SharedExecutor(max_concurrent_batches={self.max_concurrent_batches}, name={self.name!r})"
@@ -91,23 +94,32 @@ class SharedExecutor:
     def __reduce__(self) -> tuple[object, ...]:
         raise TypeError("a SharedExecutor belongs to one process and cannot be pickled")
 
-    def join(self, name: str, weight: float, wake: Callable[[], None]) -> Lease:
-        """A seat for one batcher's worker; ``wake()`` (from any thread) makes it look for a turn."""
+    def join(self, name: str, weight: float, wake: Callable[[], bool]) -> Lease:
+        """A seat for one batcher's worker.
+
+        ``wake()`` is called (from any thread) when a turn is promised to the
+        seat; it returns False when its worker cannot take it now (gone, or its
+        loop not running), and the turn goes to the next in line.
+        """
         lease = Lease(self, name, weight, wake)
         with self._lock:
             self._leases.append(lease)
         return lease
 
     def stats(self) -> SharedExecutorStats:
-        """A snapshot; safe from any thread."""
+        """A snapshot; safe from any thread. Batchers that have stopped no longer count."""
         with self._lock:
-            held = sum(lease.held for lease in self._leases)
+            seconds: dict[str, float] = {}
+            batches: dict[str, int] = {}
+            for lease in self._leases:
+                seconds[lease.name] = seconds.get(lease.name, 0.0) + lease.device_seconds
+                batches[lease.name] = batches.get(lease.name, 0) + lease.batches
             return SharedExecutorStats(
                 max_concurrent_batches=self.max_concurrent_batches,
-                running=held,
+                running=self.max_concurrent_batches - self._free - self._promised,
                 waiting=len(self._waiting),
-                device_seconds=dict(self._device_seconds),
-                batches=dict(self._batches),
+                device_seconds=seconds,
+                batches=batches,
             )
 
     # -- turns (called through Lease, under no lock) -------------------------------
@@ -116,6 +128,7 @@ class SharedExecutor:
         with self._lock:
             if lease.promised:
                 lease.promised -= 1
+                self._promised -= 1
                 self._grant(lease)
                 return True
             if lease.waiting:
@@ -142,49 +155,37 @@ class SharedExecutor:
             lease.held -= 1
             if ran:
                 lease.vtime += seconds / lease.weight
-                self._device_seconds[lease.name] = self._device_seconds.get(lease.name, 0.0) + seconds
-                self._batches[lease.name] = self._batches.get(lease.name, 0) + 1
-            if wants is not None and not lease.waiting:  # it has more to run: it competes for this turn too
+                lease.device_seconds += seconds
+                lease.batches += 1
+            if wants is not None and not lease.waiting and not lease.gone:  # it competes for this turn too
                 lease.vtime = max(lease.vtime, self._vclock)
                 lease.waiting = True
                 (lease.deadline, lease.expected), lease.since = wants, now
                 self._waiting.append(lease)
-            wake = self._pass_on(now)
-        if wake is not None:
-            wake()
+            chosen = self._pass_on(now)
+        self._deliver(chosen, now)
 
-    def _withdraw(self, lease: Lease, now: float) -> None:
-        """``lease`` no longer wants a turn: leave the line; a turn promised to it goes to the next."""
-        wakes: list[Callable[[], None]] = []
+    def _withdraw(self, lease: Lease, now: float, *, leave: bool = False) -> None:
+        """``lease`` no longer wants a turn: out of the line; a turn promised to it goes to the next."""
+        chosen: list[Lease] = []
         with self._lock:
+            if leave and not lease.gone:
+                lease.gone = True
+                self._leases.remove(lease)
             if lease.waiting:
                 lease.waiting = False
                 self._waiting.remove(lease)
             while lease.promised:
                 lease.promised -= 1
-                wake = self._pass_on(now)
-                if wake is not None:
-                    wakes.append(wake)
-        for wake in wakes:
-            wake()
+                self._promised -= 1
+                next_lease = self._pass_on(now)
+                if next_lease is not None:
+                    chosen.append(next_lease)
+        for next_lease in chosen:
+            self._deliver(next_lease, now)
 
-    def _leave(self, lease: Lease, now: float) -> None:
-        """``lease``'s worker stopped: give back its turns and its place."""
-        self._withdraw(lease, now)
-        wakes: list[Callable[[], None]] = []
-        with self._lock:
-            while lease.held:
-                lease.held -= 1
-                wake = self._pass_on(now)
-                if wake is not None:
-                    wakes.append(wake)
-            if lease in self._leases:
-                self._leases.remove(lease)
-        for wake in wakes:
-            wake()
-
-    def _pass_on(self, now: float) -> Callable[[], None] | None:
-        """A turn came free (under the lock): promise it to the next waiter, or keep it free."""
+    def _pass_on(self, now: float) -> Lease | None:
+        """A turn came free (under the lock): promise it to the next in line, or keep it free."""
         if not self._waiting:
             self._free += 1
             return None
@@ -192,14 +193,36 @@ class SharedExecutor:
         self._waiting.remove(chosen)
         chosen.waiting = False
         chosen.promised += 1
-        return chosen.wake
+        self._promised += 1
+        return chosen
+
+    def _deliver(self, lease: Lease | None, now: float) -> None:
+        """Tell ``lease`` (outside the lock) that a turn is promised to it; if it cannot take it, pass it on."""
+        if lease is not None and not lease.wake():
+            self._withdraw(lease, now)
 
     def _next(self, now: float) -> Lease:
+        """Who goes next: an urgent batcher not ahead of its share, else the least served for its weight.
+
+        A batcher is urgent when its batch would miss its deadline behind the
+        longest batch another waiting batcher might run first. It may jump the
+        line only while its virtual time is within that same length of the
+        least-served one's: so urgency reorders turns within a round, but an
+        overloaded batcher with deadlines (always urgent) cannot take more than
+        its share from batchers without them.
+        """
         waiting = self._waiting
-        horizon = max(lease.expected for lease in waiting)  # the longest another might hold the turn
-        urgent = [lease for lease in waiting if lease.deadline - now - lease.expected <= horizon]
-        if urgent:
-            return min(urgent, key=lambda lease: lease.deadline)
+        if len(waiting) == 1:
+            return waiting[0]
+        least = min(lease.vtime for lease in waiting)
+        urgent: Lease | None = None
+        for lease in waiting:
+            horizon = max(other.expected for other in waiting if other is not lease)
+            in_time = lease.deadline - now - lease.expected > horizon
+            if not in_time and lease.vtime - least <= horizon and (urgent is None or lease.deadline < urgent.deadline):
+                urgent = lease
+        if urgent is not None:
+            return urgent
         return min(waiting, key=lambda lease: (lease.vtime, lease.since))
 
 
@@ -207,9 +230,12 @@ class Lease:
     """One batcher's seat at a ``SharedExecutor``: asks for turns and gives them back."""
 
     __slots__ = (
+        "batches",
         "deadline",
+        "device_seconds",
         "executor",
         "expected",
+        "gone",
         "held",
         "name",
         "promised",
@@ -220,7 +246,7 @@ class Lease:
         "weight",
     )
 
-    def __init__(self, executor: SharedExecutor, name: str, weight: float, wake: Callable[[], None]) -> None:
+    def __init__(self, executor: SharedExecutor, name: str, weight: float, wake: Callable[[], bool]) -> None:
         self.executor = executor
         self.name = name
         self.weight = weight
@@ -232,6 +258,9 @@ class Lease:
         self.deadline = math.inf  # the earliest deadline of the batch it waits to run
         self.expected = 0.0  # that batch's expected run time
         self.since = 0.0
+        self.device_seconds = 0.0  # for stats()
+        self.batches = 0
+        self.gone = False  # its worker stopped: it takes no more turns (those it holds come back on release)
 
     def acquire(self, deadline: float, expected: float, now: float) -> bool:
         """Take a turn now (True), or wait in line to be woken (False)."""
@@ -255,5 +284,6 @@ class Lease:
             self.executor._withdraw(self, now)
 
     def leave(self, now: float) -> None:
-        """The worker stopped: give everything back."""
-        self.executor._leave(self, now)
+        """The worker stopped: out of the line, promised turns passed on (each held turn comes back
+        through ``release`` when its run ends)."""
+        self.executor._withdraw(self, now, leave=True)

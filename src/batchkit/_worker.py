@@ -19,11 +19,12 @@ waiting on a worker that is gone.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import logging
 import math
+import threading
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Protocol
 
@@ -103,16 +104,12 @@ class Worker:
         self._tuner = ConcurrencyTuner(len(self._slots)) if scheduler.settings.auto_concurrency else None
         scheduler.concurrency_limit = len(self._slots) if self._tuner is None else self._tuner.limit
         self._task_group: anyio.abc.TaskGroup | None = None
-        # A shared executor's turn is needed to start a batch (see _shared).
-        self._lease: Lease | None = None if shared is None else shared.join(scheduler.name, weight, self._turn_granted)
-
-    def _turn_granted(self) -> None:
-        """From any thread: the shared executor promised this worker a turn; wake it to take it."""
-        try:
-            self.backend.call_soon_threadsafe(self._scheduler.wake)
-        except RuntimeError:  # the loop is gone: pass the turn on
-            if self._lease is not None:
-                self._lease.leave(clock())
+        # A shared executor's turn is needed to start a batch (see _shared). The executor holds
+        # this worker weakly: a batcher dropped with its loop is not kept alive by it.
+        self._lease: Lease | None = None
+        self._turn_lock = threading.Lock()  # who gives a turn back: the loop, or a thread whose loop is gone
+        if shared is not None:
+            self._lease = shared.join(scheduler.name, weight, functools.partial(_turn_granted, weakref.ref(self)))
 
     def _new_runner(self, index: int, replacement: int = 0) -> ThreadRunner:
         suffix = f"-r{replacement}" if replacement else ""  # names stay unique after a hung thread
@@ -178,6 +175,8 @@ class Worker:
     def _start(self, batch: Batch) -> None:
         slot = self._idle.pop()
         slot.batch = batch
+        if self._lease is not None:
+            slot.turn = batch
         if self._is_async:
             assert self._task_group is not None
             run = self._run_stream_async if self._streams else self._run_async
@@ -200,8 +199,13 @@ class Worker:
             outcome = self._executor.run(slot.fn, batch.items)
         finally:
             _BATCH_KEY.reset(token)
-        with contextlib.suppress(RuntimeError):  # the event loop is gone, and its callers with it
+        posted = True
+        try:
             self.backend.call_soon_threadsafe(self._finish, slot, batch, outcome)
+        except RuntimeError:  # the event loop is gone, and its callers with it
+            posted = False
+        if self._lease is not None:
+            self._returned(slot, batch, posted)
         del outcome, batch  # a failed model's frames link back here: hold nothing (see _execute._RELEASE)
 
     async def _run_async(self, slot: Slot, batch: Batch) -> None:
@@ -231,8 +235,13 @@ class Worker:
             outcome = self._executor.run_stream(slot.fn, batch.items, emit)
         finally:
             _BATCH_KEY.reset(token)
-        with contextlib.suppress(RuntimeError):
+        posted = True
+        try:
             self.backend.call_soon_threadsafe(self._finish_stream, slot, batch, outcome)
+        except RuntimeError:
+            posted = False
+        if self._lease is not None:
+            self._returned(slot, batch, posted)
         del outcome, emit  # see _run_sync
 
     async def _run_stream_async(self, slot: Slot, batch: Batch) -> None:
@@ -294,14 +303,47 @@ class Worker:
         scheduler.answer(batch, outcome)
 
     def _release(self, slot: Slot) -> None:
-        batch = slot.batch
         slot.batch = slot.deadline = None
-        if self._lease is not None and batch is not None:
+        if self._lease is not None:
             now = clock()
-            wants = None if self.retired else self._scheduler.due(now)
-            self._lease.release(now - batch.started_at, now, wants=wants)
+            self._give_turn_back(slot, now, None if self.retired else self._scheduler.due(now))
         self._idle.append(slot)
         self._scheduler.wake()
+
+    # -- shared executor turns ------------------------------------------------------------
+
+    def _give_turn_back(self, slot: Slot, now: float, wants: tuple[float, float] | None = None) -> None:
+        """The run holding ``slot``'s turn is over (or given up on): the turn goes back, once."""
+        assert self._lease is not None
+        with self._turn_lock:
+            batch, slot.turn = slot.turn, None
+        if batch is not None:
+            self._lease.release(now - batch.started_at, now, wants=wants)
+
+    def _returned(self, slot: Slot, batch: Batch, posted: bool) -> None:
+        """On the slot's thread, the call returned: give its turn back here if the loop will not.
+
+        The loop will not when it is gone (``posted`` is False), when the worker
+        has stopped, or when it is not running (stopped or paused: a callback
+        may never run, and a paused loop must not hold the device).
+        """
+        with self._turn_lock:
+            slot.returned = batch
+            mine = slot.turn is batch and (not posted or self.retired or not self.backend.alive())
+        if mine:
+            self._give_turn_back(slot, clock())
+
+    def _hand_over_turns(self) -> None:
+        """The worker stops: give back the turns of runs that are over; a call still running on a
+        thread keeps its turn, and its thread gives it back when the call returns."""
+        assert self._lease is not None
+        now = clock()
+        for slot in self._slots:
+            with self._turn_lock:
+                over = slot.turn is not None and (self._is_async or slot.returned is slot.turn)
+            if over:
+                self._give_turn_back(slot, now)
+        self._lease.leave(now)
 
     def _give_up_hung(self, now: float) -> None:
         """Synchronous runs past run_timeout_ms: fail their callers now.
@@ -375,7 +417,7 @@ class Worker:
         if failed:
             logger.warning("batcher %r stopped with %d queued requests; failed them", scheduler.name, failed)
         if self._lease is not None:
-            self._lease.leave(clock())
+            self._hand_over_turns()
         self.inbox.close()  # requests handed over from threads but not queued yet are refused
         self.done.set()
         logger.debug("batcher %r: worker stopped", scheduler.name)
@@ -398,5 +440,18 @@ class Worker:
                 slot.runner = None
         self._scheduler.fail_queued(error)
         if self._lease is not None:
-            self._lease.leave(clock())
+            self._hand_over_turns()
         self.inbox.close()
+
+
+def _turn_granted(worker_ref: weakref.ref[Worker]) -> bool:
+    """From any thread: a shared executor promised a turn. Wake the worker to take it, if it can."""
+    worker = worker_ref()
+    if worker is None or worker.retired:
+        return False
+    backend = worker.backend
+    try:
+        backend.call_soon_threadsafe(worker._scheduler.wake)  # (a paused loop takes it up when it runs again)
+    except RuntimeError:
+        return False  # the loop is gone
+    return backend.alive()  # a loop that is not running now cannot take it now: it goes to the next
