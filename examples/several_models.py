@@ -94,11 +94,13 @@ async def main() -> None:
     customers = list(ADAPTERS)
     inputs = np.random.default_rng(1).standard_normal((300, 64)).astype(np.float32)
 
-    async with embedder, reranker, classifier, anyio.create_task_group() as tg:
-        for i, x in enumerate(inputs):
-            tg.start_soon(embedder.predict, x)
-            tg.start_soon(reranker.predict, x)
-            tg.start_soon(classifier.predict, {"customer": customers[i % 3], "features": x})
+    async with embedder, reranker, classifier:
+        async with anyio.create_task_group() as tg:
+            for i, x in enumerate(inputs):
+                tg.start_soon(embedder.predict, x)
+                tg.start_soon(reranker.predict, x)
+                tg.start_soon(classifier.predict, {"customer": customers[i % 3], "features": x})
+        shares = device.stats().device_seconds  # (its stats cover the batchers still open)
 
     for batcher in (embedder, reranker, classifier):
         stats = batcher.stats()
@@ -106,7 +108,6 @@ async def main() -> None:
     print(f"most batches running at once: {most_at_once}")
     mixed = sum(1 for customers_seen in adapter_batches if len(customers_seen) > 1)
     print(f"classifier batches mixing customers: {mixed}")
-    shares = device.stats().device_seconds
     total = sum(shares.values())
     print("device time: " + ", ".join(f"{name} {seconds / total:.0%}" for name, seconds in sorted(shares.items())))
 
