@@ -141,7 +141,7 @@ async def test_closing_sends_what_is_queued_as_drain() -> None:
             # aclose() has drained them
     stats = batcher.stats()
     only(stats, drain=1)
-    assert model.batches == [[0, 1, 2]]
+    assert [sorted(batch) for batch in model.batches] == [[0, 1, 2]]  # one batch (trio starts tasks in any order)
     assert stats.completed == 3
 
 
