@@ -14,10 +14,18 @@ decides to flush (``Scheduler._due_group``):
               because a slot was free
 ``deadline``  sent before the wait ran out, so that a request's deadline is met
 ``drain``     sent without waiting because the batcher is closing
-``step``      a ``StepBatcher`` admitted rows into a running state at once
+``step``      a ``StepBatcher`` admitted rows into a running state before
+              their wait ran out
 ============  ================================================================
 
-Counting is two list increments per batch. ``Recent`` keeps the same counts,
+A batch counts under the first that holds: full (``full``, ``cap``, ``cost``),
+then the wait (``timer``, ``idle``), then ``deadline``, then ``drain`` or
+``step``. So a batch that waited out ``max_wait_ms`` is ``timer`` even while
+the batcher closes, and with ``max_wait_ms=0`` a ``StepBatcher``'s admissions
+are ``idle``.
+
+Counting is two list increments per batch (and one count per refused request).
+``Recent`` keeps the same counts,
 the model's busy time and the ``QueueFullError`` refusals per 10-second window,
 and ``limited_by`` reads the last two windows (10 to 20 seconds) to say what
 limited throughput there: see its rule.

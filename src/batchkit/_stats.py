@@ -164,7 +164,7 @@ class BatcherStats:
     ``full`` (the batch size limit), ``cap`` (the out-of-memory cap, below that limit), ``cost``
     (``max_batch_cost``), ``timer`` (the wait ran out), ``idle`` (no wait: a slot was free),
     ``deadline`` (early, for a deadline), ``drain`` (closing), ``step`` (a ``StepBatcher``
-    admitted rows into a running state)."""
+    admitted rows into a running state before their wait ran out)."""
     flushed_requests: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(FLUSH_REASONS, 0))
     """Requests sent in the batches of each reason (``mean_flush_size`` divides it by ``flushes``)."""
     busy_fraction: float = 0.0
