@@ -108,3 +108,26 @@ def test_several_models_example(backend: str) -> None:
     shares = re.search(r"device time: (.*)", out)
     assert shares, out
     assert {part.split()[0] for part in shares.group(1).split(", ")} == set(served)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_small_batches_example(backend: str) -> None:
+    out = run_example("small_batches.py", backend)
+    found = re.findall(
+        r"^(.+?): (\d+) requests in (\d+) batches, mean size ([\d.]+)\n  flushes: (.*)\n  limited by (\w+): ", out, re.M
+    )
+    cases = {title: (float(mean), flushes, limit) for title, _, _, mean, flushes, limit in found}
+    assert list(cases) == [
+        "one caller at a time",
+        "64 concurrent callers",
+        "200 requests/s, max_wait_ms=0",
+        "200 requests/s, max_wait_ms=20",
+    ], out
+    alone, concurrent, no_wait, wait = cases.values()
+    assert alone == (1.0, "20 timer (1.0 each)", "arrivals"), out  # nobody to batch with
+    assert (concurrent[2], concurrent[0] > 8) == ("model", True), out  # full batches, a busy model
+    assert "full" in concurrent[1], out
+    assert re.fullmatch(r"\d+ idle \([\d.]+ each\)", no_wait[1]), out  # sent whenever the slot was free
+    assert re.fullmatch(r"\d+ timer \([\d.]+ each\)", wait[1]), out
+    assert no_wait[2] == wait[2] == "arrivals", out
+    assert wait[0] > no_wait[0], out  # waiting longer makes the batches larger

@@ -18,9 +18,15 @@ name                                   type       meaning
 ``batchkit_batches_total``             counter    batches sent to the model
 ``batchkit_oom_splits_total``          counter    batches halved after out-of-memory
 ``batchkit_hung_batches_total``        counter    batches abandoned past ``run_timeout_ms``
+``batchkit_flushes_total``             counter    batches by ``reason`` they left (full, cap, cost,
+                                                  timer, idle, deadline, drain, step)
+``batchkit_flushed_requests_total``    counter    requests in those batches, by ``reason``
 ``batchkit_pending_requests``          gauge      queued now
 ``batchkit_in_flight_requests``        gauge      in a running batch now
 ``batchkit_batch_size_limit``          gauge      largest batch formed now
+``batchkit_model_busy_ratio``          gauge      share of slot time the model ran (last 10-20 s)
+``batchkit_limited_by``                gauge      1 for the ``limit`` that held throughput back
+                                                  (last 10-20 s), 0 for the others
 ``batchkit_batch_size``                histogram  batch sizes (buckets 1, 2, 4, ... 1024)
 ``batchkit_queue_wait_seconds``        gauge      queue wait, by ``quantile`` (0.5, 0.9, 0.99, 1 = max)
 ``batchkit_run_time_seconds``          gauge      per-batch model time, by ``quantile``
@@ -45,6 +51,7 @@ require("prometheus_client", "prometheus", "batchkit.prometheus")
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric  # noqa: E402
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry  # noqa: E402
 
+from ._flushes import FLUSH_REASONS, LIMITS  # noqa: E402
 from ._stats import BatcherStats, LatencySummary  # noqa: E402
 
 __all__ = ["BATCH_SIZE_BUCKETS", "BatcherCollector", "StatsSource", "register", "unregister"]
@@ -69,6 +76,11 @@ _GAUGES = (
     ("pending_requests", "pending", "Requests queued now"),
     ("in_flight_requests", "in_flight", "Requests in a batch that is running now"),
     ("batch_size_limit", "batch_size_limit", "The largest batch formed now"),
+    ("model_busy_ratio", "busy_fraction", "Share of its slots' time the model ran (last 10 to 20 s)"),
+)
+_BY_REASON = (
+    ("flushes", "flushes", "Batches sent to the model, by the reason they left"),
+    ("flushed_requests", "flushed_requests", "Requests in the batches sent, by the reason they left"),
 )
 _SUMMARIES = (
     ("queue_wait_seconds", "queue_wait_ms", "Time from predict to the request's batch being sent (recent window)"),
@@ -180,6 +192,15 @@ class BatcherCollector(Collector):
                 field: GaugeMetricFamily(f"{ns}_{metric}", doc, labels=["batcher", "quantile"])
                 for metric, field, doc in _SUMMARIES
             },
+            by_reason={
+                field: CounterMetricFamily(f"{ns}_{metric}", doc, labels=["batcher", "reason"])
+                for metric, field, doc in _BY_REASON
+            },
+            limited_by=GaugeMetricFamily(
+                f"{ns}_limited_by",
+                "1 for what limited throughput over the last 10 to 20 s",
+                labels=["batcher", "limit"],
+            ),
         )
 
     @staticmethod
@@ -198,10 +219,16 @@ class BatcherCollector(Collector):
             summary: LatencySummary = getattr(stats, field)
             for quantile, attribute in _QUANTILES:
                 gauge.add_metric([label, quantile], getattr(summary, attribute) / 1000.0)
+        for field, family in families.by_reason.items():
+            counts = getattr(stats, field)
+            for reason in FLUSH_REASONS:
+                family.add_metric([label, reason], float(counts.get(reason, 0)))
+        for limit in LIMITS:
+            families.limited_by.add_metric([label, limit], 1.0 if stats.limited_by == limit else 0.0)
 
 
 class _Families:
-    __slots__ = ("batch_size", "counters", "gauges", "summaries")
+    __slots__ = ("batch_size", "by_reason", "counters", "gauges", "limited_by", "summaries")
 
     def __init__(
         self,
@@ -209,17 +236,23 @@ class _Families:
         gauges: dict[str, GaugeMetricFamily],
         batch_size: HistogramMetricFamily,
         summaries: dict[str, GaugeMetricFamily],
+        by_reason: dict[str, CounterMetricFamily],
+        limited_by: GaugeMetricFamily,
     ) -> None:
         self.counters = counters
         self.gauges = gauges
         self.batch_size = batch_size
         self.summaries = summaries
+        self.by_reason = by_reason
+        self.limited_by = limited_by
 
     def __iter__(self) -> Iterator[Metric]:
         yield from self.counters.values()
         yield from self.gauges.values()
         yield self.batch_size
         yield from self.summaries.values()
+        yield from self.by_reason.values()
+        yield self.limited_by
 
 
 _registered: weakref.WeakKeyDictionary[CollectorRegistry, BatcherCollector] = weakref.WeakKeyDictionary()

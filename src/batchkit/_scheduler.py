@@ -39,6 +39,7 @@ from ._errors import (
     StreamBufferFullError,
 )
 from ._execute import Failed, Outcome, copies
+from ._flushes import CAP, COST, DEADLINE, DRAIN, FULL, IDLE, STEP, TIMER
 from ._policy import ArrivalRate, CostModel, FlushPolicy, OomCap, make_policy
 from ._queue import CANCELLED, DONE, QUEUED, RUNNING, TIMED_OUT, Request, RequestQueue
 from ._settings import Settings, check_ms
@@ -175,6 +176,7 @@ class Scheduler:
         queue = self._queue
         if queue.live >= settings.max_queue_size:
             counters.rejected += 1
+            counters.recent.refused(clock())
             raise QueueFullError(
                 f"batcher {self.name!r} has {queue.live} requests queued (max_queue_size={settings.max_queue_size})"
             )
@@ -269,16 +271,16 @@ class Scheduler:
         """
         self._arrivals.observe(self.counters.requests, now)
         while True:
-            key = self._due_group(now, due)
+            key, reason = self._due_group(now, due)
             if key is _NO_GROUP:
                 return None
-            batch = self._take_group(key, now, self.limit if limit is None else min(limit, self.limit))
+            batch = self._take_group(key, now, self.limit if limit is None else min(limit, self.limit), reason)
             if batch is not None:
                 return batch
 
     def due(self, now: float) -> tuple[float, float] | None:
         """What ``take(now)`` would send: its earliest deadline and expected run time; None if nothing is due."""
-        key = self._due_group(now)
+        key, _ = self._due_group(now)
         if key is _NO_GROUP:
             return None
         for group_key, group in self._queue.groups():
@@ -286,8 +288,10 @@ class Scheduler:
                 return group.earliest_deadline(), self.cost_model.expected(min(group.live, self.limit))
         return None  # pragma: no cover - _due_group returns the key of a group it saw
 
-    def _take_group(self, key: Hashable, now: float, limit: int) -> Batch | None:
+    def _take_group(self, key: Hashable, now: float, limit: int, reason: int) -> Batch | None:
         requests = self._queue.pop(key, limit, self.settings.max_batch_cost, self._padded_cost)
+        if reason == FULL:  # the group was full by size or by cost: which one the batch met
+            reason = COST if len(requests) < limit else CAP if self.limit < self.settings.limit else FULL
         backend = self._backend
         assert backend is not None
         horizon = now + self.cost_model.fastest_recent()
@@ -320,17 +324,17 @@ class Scheduler:
             return None
         counters.queue_wait.add_since(now, starts)
         counters.in_flight += len(taken)
-        counters.batches += 1
-        size = len(taken)
-        counters.batch_sizes[size] = counters.batch_sizes.get(size, 0) + 1
+        counters.flushed(reason, len(taken), now)
         shared = cast("tuple[Hashable, Hashable]", key)[0] if self.settings.batch_key is not None else None
         batch = Batch(taken, items, deadline, now, shared)
         self._running.add(batch)
         return batch
 
-    def _due_group(self, now: float, due_now: bool = False) -> Hashable:
-        """The key of the group to flush now (the one whose oldest request is oldest), or ``_NO_GROUP``."""
+    def _due_group(self, now: float, due_now: bool = False) -> tuple[Hashable, int]:
+        """The key of the group to flush now (the one whose oldest request is oldest), or ``_NO_GROUP``,
+        and the reason it is due (see ``_flushes``; ``FULL`` stands for full by size or by cost)."""
         best_key: Hashable = _NO_GROUP
+        best_reason = FULL
         best_time = math.inf
         oldest = math.inf
         flush_at = math.inf
@@ -339,10 +343,10 @@ class Scheduler:
         for key, group in self._queue.groups():
             head = group.oldest()
             oldest = min(oldest, head.enqueued_at)
-            if due_now or self.closing or group.live >= limit or (max_cost is not None and group.cost >= max_cost):
-                due = now
+            if group.live >= limit or (max_cost is not None and group.cost >= max_cost):
+                due, reason = now, FULL
             else:
-                due = self._policy.flush_at(head, group.live, limit)
+                due = wait_until = self._policy.flush_at(head, group.live, limit)
                 deadline = group.earliest_deadline()
                 if deadline < due:
                     # Flush early enough for the earliest deadline to be met, with a margin for
@@ -350,14 +354,20 @@ class Scheduler:
                     # late): a tenth of the wait, at least 5 ms.
                     margin = max(_FLUSH_MARGIN, 0.1 * (deadline - head.enqueued_at))
                     due = min(due, deadline - 1.25 * self.cost_model.expected(group.live) - margin)
+                if wait_until <= now:
+                    reason = IDLE if wait_until == head.enqueued_at else TIMER
+                elif due <= now:
+                    reason = DEADLINE
+                elif due_now or self.closing:
+                    due, reason = now, STEP if due_now else DRAIN
             if due <= now:
                 if head.enqueued_at < best_time:
-                    best_key, best_time = key, head.enqueued_at
+                    best_key, best_reason, best_time = key, reason, head.enqueued_at
             elif due < flush_at:
                 flush_at = due
         self._flush_at = flush_at
         self._oldest_queued = oldest
-        return best_key
+        return best_key, best_reason
 
     def expire(self, now: float) -> None:
         """Fail every request whose deadline has passed, queued or running."""
@@ -426,7 +436,7 @@ class Scheduler:
         """Take in what a finished batch tells about the model (run time, memory) before the next forms."""
         self._running.discard(batch)
         counters = self.counters
-        counters.run_time.add(outcome.seconds)
+        counters.ran(outcome.seconds, clock())
         size = len(batch.requests)
         counters.oom_splits += outcome.splits
         if self._oom.observe(outcome.oom_fit, size, self.settings.limit):
@@ -591,6 +601,7 @@ class Scheduler:
         if pending and backend is not None and backend.is_current():  # exact on the loop; a hint elsewhere
             self._oldest_queued = min(group.oldest().enqueued_at for _, group in self._queue.groups())
         started = [b.started_at for b in list(self._running) + list(self._blocked)]
+        settings = self.settings
         return self.counters.snapshot(
             pending=pending,
             batch_size_limit=self.limit,
@@ -598,4 +609,8 @@ class Scheduler:
             oldest_running_ms=(now - min(started)) * 1000 if started else 0.0,
             blocked_slots=len(self._blocked),
             concurrency_limit=self.concurrency_limit,
+            now=now,
+            slots=self.concurrency_limit,  # the slots in use ("auto": those the tuner allows)
+            max_batch_size=settings.max_batch_size,
+            max_queue_size=settings.max_queue_size,
         )

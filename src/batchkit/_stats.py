@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._flushes import FLUSH_REASONS, Recent, limited_by
+
 __all__ = ["BatcherStats", "Histogram", "LatencySummary"]
 
 WINDOW = 10_000
@@ -160,6 +162,24 @@ class BatcherStats:
     concurrency_limit: int = 1
     """Batches allowed in flight now: ``replicas`` or ``max_concurrent_batches``, or with ``"auto"``
     the number the tuner has found to pay."""
+    flushes: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(FLUSH_REASONS, 0))
+    """Batches by the reason they left, every reason present (they add up to ``batches``):
+    ``full`` (the batch size limit), ``cap`` (the out-of-memory cap, below that limit), ``cost``
+    (``max_batch_cost``), ``timer`` (the wait ran out), ``idle`` (no wait: a slot was free),
+    ``deadline`` (early, for a deadline), ``drain`` (closing), ``step`` (a ``StepBatcher``
+    admitted rows into a running state before their wait ran out)."""
+    flushed_requests: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(FLUSH_REASONS, 0))
+    """Requests sent in the batches of each reason (``mean_flush_size`` divides it by ``flushes``)."""
+    busy_fraction: float = 0.0
+    """The share of its slots' time the model ran over the last 10 to 20 seconds (0 to 1)."""
+    limited_by: str = "none"
+    """What limited throughput over the last 10 to 20 seconds: ``"arrivals"`` (batches leave
+    before they are full: few requests come at a time), ``"model"`` (the model runs nearly all the
+    time on full batches), ``"queue"`` (requests refused with ``QueueFullError``), ``"cap"`` (most
+    batches cut at the out-of-memory cap), ``"deadline"`` (most batches sent early for a deadline),
+    or ``"none"`` (nothing ran). The rule is in docs/tuning.md ("My batches are small")."""
+    limited_by_detail: str = ""
+    """One sentence with the numbers behind ``limited_by``."""
 
     @property
     def mean_batch_size(self) -> float:
@@ -167,6 +187,14 @@ class BatcherStats:
         if not self.batches:
             return 0.0
         return sum(size * count for size, count in self.batch_sizes.items()) / self.batches
+
+    @property
+    def mean_flush_size(self) -> dict[str, float]:
+        """Mean batch size by the reason batches left (0.0 for a reason with no batch)."""
+        return {
+            reason: self.flushed_requests.get(reason, 0) / count if count else 0.0
+            for reason, count in self.flushes.items()
+        }
 
 
 class Counters:
@@ -182,11 +210,14 @@ class Counters:
         "cancelled",
         "completed",
         "failed",
+        "flushed_rows",
+        "flushes",
         "hung",
         "in_flight",
         "latency",
         "oom_splits",
         "queue_wait",
+        "recent",
         "rejected",
         "requests",
         "run_time",
@@ -200,6 +231,23 @@ class Counters:
         self.queue_wait = Histogram()
         self.run_time = Histogram()
         self.latency = Histogram()
+        self.flushes = [0] * len(FLUSH_REASONS)  # batches by the reason they left (see _flushes)
+        self.flushed_rows = [0] * len(FLUSH_REASONS)
+        self.recent = Recent()
+
+    def flushed(self, reason: int, size: int, now: float) -> None:
+        """Count one batch of ``size`` that left for ``reason`` (an index into ``FLUSH_REASONS``)."""
+        self.batches += 1
+        self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
+        self.flushes[reason] += 1
+        self.flushed_rows[reason] += size
+        self.recent.flushed(reason, size, now)
+
+    def ran(self, seconds: float, now: float, *, batch: bool = True) -> None:
+        """The model ran ``seconds`` (a whole batch, or with ``batch=False`` one step of a ``StepBatcher``)."""
+        if batch:
+            self.run_time.add(seconds)
+        self.recent.ran(seconds, now)
 
     def snapshot(
         self,
@@ -210,7 +258,19 @@ class Counters:
         oldest_running_ms: float = 0.0,
         blocked_slots: int = 0,
         concurrency_limit: int = 1,
+        now: float,
+        slots: int,
+        max_batch_size: int,
+        max_queue_size: int,
     ) -> BatcherStats:
+        recent = self.recent.totals(now)
+        limit, detail = limited_by(
+            recent,
+            slots=slots,
+            limit=batch_size_limit,
+            max_batch_size=max_batch_size,
+            max_queue_size=max_queue_size,
+        )
         return BatcherStats(
             requests=self.requests,
             batches=self.batches,
@@ -232,4 +292,9 @@ class Counters:
             oldest_running_ms=oldest_running_ms,
             blocked_slots=blocked_slots,
             concurrency_limit=concurrency_limit,
+            flushes=dict(zip(FLUSH_REASONS, self.flushes, strict=True)),
+            flushed_requests=dict(zip(FLUSH_REASONS, self.flushed_rows, strict=True)),
+            busy_fraction=recent.busy_fraction(slots),
+            limited_by=limit,
+            limited_by_detail=detail,
         )

@@ -190,8 +190,9 @@ class StepWorker:
                 return  # drained: every admitted row has run to its end
             await scheduler.sleep(can_start=room > 0)
 
-    def _on_step(self, rows: list[Request], items: list[Any], finished: list[bool]) -> None:
+    def _on_step(self, rows: list[Request], items: list[Any], finished: list[bool], seconds: float) -> None:
         scheduler = self._scheduler
+        scheduler.counters.ran(seconds, clock(), batch=False)  # the step thread's busy time
         scheduler.deliver(rows, items, finished)
         scheduler.prune_running()
         scheduler.wake()  # rows may have ended: room for newcomers
@@ -233,6 +234,7 @@ class StepWorker:
         rows: list[Request] = []
         state: Any = None
         while not self._orphaned:
+            began = clock()
             # Rows that left (cancelled, past their deadline) go before newcomers join, so the
             # state never holds more than max_batch_size rows.
             rows, state = self._keep(rows, state, [i for i, r in enumerate(rows) if r.state == RUNNING])
@@ -265,7 +267,7 @@ class StepWorker:
                         f"step() returned {len(items)} items and {len(finished)} finished flags "
                         f"for {len(rows)} rows; it must return one of each per row"
                     )
-                self._post(self._on_step, list(rows), list(items), [bool(f) for f in finished])
+                self._post(self._on_step, list(rows), list(items), [bool(f) for f in finished], clock() - began)
                 rows, state = self._keep(rows, state, [i for i, f in enumerate(finished) if not f])
             except BaseException as error:
                 self._post(self._on_failure, rows, answerable(error))

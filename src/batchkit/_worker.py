@@ -277,7 +277,7 @@ class Worker:
         if slot.batch is not batch or self._unblock(slot):
             return
         self._release(slot)
-        self._scheduler.counters.run_time.add(outcome.seconds)
+        self._scheduler.counters.ran(outcome.seconds, clock())
         self._scheduler.end_streams(batch, outcome.error)
         if not self.retired:
             self._dispatch(clock())
