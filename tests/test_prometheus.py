@@ -44,7 +44,9 @@ async def test_scrape_matches_stats(anyio_backend: str) -> None:
         return batch
 
     registry = CollectorRegistry()
-    async with batchkit.Batcher(model, collate=None, max_batch_size=4, max_wait_ms=5, name="toy") as batcher:
+    async with batchkit.Batcher(
+        model, collate=None, max_batch_size=4, max_wait_ms=5, replicas=3, name="toy"
+    ) as batcher:
         register(batcher, registry)
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
@@ -64,6 +66,7 @@ async def test_scrape_matches_stats(anyio_backend: str) -> None:
     assert value(samples, "batchkit_pending_requests", batcher="toy") == 0
     assert value(samples, "batchkit_in_flight_requests", batcher="toy") == 0
     assert value(samples, "batchkit_batch_size_limit", batcher="toy") == 4
+    assert value(samples, "batchkit_concurrency_limit", batcher="toy") == stats.concurrency_limit == 3
     # The histogram: cumulative buckets, count = batches, sum = requests batched.
     assert value(samples, "batchkit_batch_size_bucket", batcher="toy", le="+Inf") == stats.batches
     assert value(samples, "batchkit_batch_size_bucket", batcher="toy", le="4.0") == stats.batches

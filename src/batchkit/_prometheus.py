@@ -25,6 +25,7 @@ name                                   type       meaning
 ``batchkit_in_flight_requests``        gauge      in a running batch now
 ``batchkit_batch_size_limit``          gauge      largest batch formed now
 ``batchkit_model_busy_ratio``          gauge      share of slot time the model ran (last 10-20 s)
+``batchkit_concurrency_limit``         gauge      batches allowed in flight now (tuned with "auto")
 ``batchkit_limited_by``                gauge      1 for the ``limit`` that held throughput back
                                                   (last 10-20 s), 0 for the others
 ``batchkit_batch_size``                histogram  batch sizes (buckets 1, 2, 4, ... 1024)
@@ -77,6 +78,7 @@ _GAUGES = (
     ("in_flight_requests", "in_flight", "Requests in a batch that is running now"),
     ("batch_size_limit", "batch_size_limit", "The largest batch formed now"),
     ("model_busy_ratio", "busy_fraction", "Share of its slots' time the model ran (last 10 to 20 s)"),
+    ("concurrency_limit", "concurrency_limit", "Batches allowed in flight now (tuned with \"auto\")"),
 )
 _BY_REASON = (
     ("flushes", "flushes", "Batches sent to the model, by the reason they left"),
