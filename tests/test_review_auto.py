@@ -66,12 +66,16 @@ async def test_auto_tunes_a_streaming_model_too() -> None:
     check_settled(batcher.stats())
 
 
+_CLOCK: dict[int, float] = {}
+
+
 def _drive(tuner: ConcurrencyTuner, rate_of: Callable[[int], float], batches: int) -> list[int]:
-    now, limits = 0.0, []
+    now, limits = _CLOCK.get(id(tuner), 0.0), []
     for _ in range(batches):
         now += 8 / rate_of(tuner.limit)
         tuner.observe(8, now, saturated=True)
         limits.append(tuner.limit)
+    _CLOCK[id(tuner)] = now  # a later call goes on from here
     return limits
 
 
@@ -98,7 +102,7 @@ def test_the_tuner_does_not_leap_past_the_best_after_coming_down() -> None:
 def test_the_tuner_looks_up_again_soon_after_the_model_gets_faster_in_parallel() -> None:
     tuner = ConcurrencyTuner(16)
     _drive(tuner, lambda n: 100.0 * min(n, 4), 20_000)  # settled at 4, with a long patience
-    limits = _drive(tuner, lambda n: 100.0 * n, 3_000)  # now every batch in flight pays
+    limits = _drive(tuner, lambda n: 200.0 * n, 3_000)  # faster now, and every batch in flight pays
     assert max(limits) == 16  # found within 3000 batches (about 20 windows at 16)
 
 

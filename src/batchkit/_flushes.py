@@ -71,28 +71,31 @@ _NEVER = -(2**62)  # the epoch of a window that never was
 class _Window:
     """The counts of one ``WINDOW_SECONDS`` epoch."""
 
-    __slots__ = ("busy", "epoch", "first", "flushes", "queue_full", "rows")
+    __slots__ = ("backlogged", "busy", "epoch", "flushes", "queue_full", "rows")
 
-    def __init__(self, epoch: int, first: float = math.inf) -> None:
+    def __init__(self, epoch: int) -> None:
         self.epoch = epoch
-        self.first = first  # when its first event happened
         self.flushes = [0] * len(FLUSH_REASONS)
         self.rows = [0] * len(FLUSH_REASONS)
         self.busy = 0.0  # seconds the model ran (batches that finished in this window)
         self.queue_full = 0
+        self.backlogged = 0  # batches that left with requests still queued behind them
 
 
 class RecentTotals:
     """The last two windows added up: what ``limited_by`` decides from."""
 
-    __slots__ = ("busy", "flushes", "queue_full", "rows", "wall")
+    __slots__ = ("backlogged", "busy", "flushes", "queue_full", "rows", "wall")
 
-    def __init__(self, flushes: list[int], rows: list[int], busy: float, queue_full: int, wall: float) -> None:
+    def __init__(
+        self, flushes: list[int], rows: list[int], busy: float, queue_full: int, wall: float, backlogged: int = 0
+    ) -> None:
         self.flushes = flushes
         self.rows = rows
         self.busy = busy
         self.queue_full = queue_full
-        self.wall = wall  # seconds from the first event in the two windows to now
+        self.wall = wall  # seconds the two windows cover up to now (from the batcher's creation, if later)
+        self.backlogged = backlogged
 
     def busy_fraction(self, slots: int) -> float:
         """The share of the slots' time the model ran (0 to 1)."""
@@ -111,9 +114,10 @@ class Recent:
     may miss an event in progress).
     """
 
-    __slots__ = ("_current", "_previous")
+    __slots__ = ("_born", "_current", "_previous")
 
-    def __init__(self) -> None:
+    def __init__(self, born: float = -math.inf) -> None:
+        self._born = born  # when the batcher was made: windows cover no time before it
         self._current = _Window(_NEVER)
         self._previous = _Window(_NEVER)
 
@@ -122,13 +126,14 @@ class Recent:
         epoch = int(now // WINDOW_SECONDS)
         if current.epoch != epoch:
             self._previous = current if current.epoch == epoch - 1 else _Window(epoch - 1)
-            current = self._current = _Window(epoch, now)
+            current = self._current = _Window(epoch)
         return current
 
-    def flushed(self, reason: int, size: int, now: float) -> None:
+    def flushed(self, reason: int, size: int, now: float, backlog: bool = False) -> None:
         window = self._window(now)
         window.flushes[reason] += 1
         window.rows[reason] += size
+        window.backlogged += backlog
 
     def ran(self, seconds: float, now: float) -> None:
         self._window(now).busy += seconds
@@ -147,13 +152,14 @@ class Recent:
             for reason in range(len(FLUSH_REASONS)):
                 flushes[reason] += window.flushes[reason]
                 rows[reason] += window.rows[reason]
-        first = min((w.first for w in windows), default=math.inf)
+        start = max((epoch - 1) * WINDOW_SECONDS, self._born)  # the last window and this one so far
         return RecentTotals(
             flushes,
             rows,
             sum(w.busy for w in windows),
             sum(w.queue_full for w in windows),
-            max(0.0, now - first) if first != math.inf else 0.0,
+            max(0.0, now - start) if windows else 0.0,
+            sum(w.backlogged for w in windows),
         )
 
 
@@ -168,8 +174,12 @@ def limited_by(
     2. ``"queue"``: a request was refused with ``QueueFullError``.
     3. ``"cap"``: at least half the batches left at the out-of-memory cap.
     4. ``"deadline"``: at least half the batches left early for a deadline.
-    5. ``"model"``: the slots ran the model at least 90 % of the time, and at
-       least half the batches left full (``full`` or ``cost``).
+    5. ``"model"``: at least half the batches left full (``full`` or
+       ``cost``), and either the slots ran the model at least 90 % of the
+       time, or at least half the batches left with requests still queued
+       behind them (a standing queue: requests wait for the model, or for its
+       turn on a shared executor, not for each other; the time between
+       batches then goes to handing them over).
     6. ``"arrivals"``: otherwise. Batches leave before they are full (by
        timer, idle slot...), so they hold what arrived: more concurrent
        requests, or a longer wait, would make them larger.
@@ -197,10 +207,12 @@ def limited_by(
             f"{share(DEADLINE):.0%} of batches left early to meet a deadline, "
             f"{_mean(recent, (DEADLINE,)):.1f} requests on average: timeouts leave little time to wait"
         )
-    if busy >= BUSY and share(FULL, COST) >= MOST:
+    backlog = recent.backlogged / batches
+    if share(FULL, COST) >= MOST and (busy >= BUSY or backlog >= MOST):
         return "model", (
             f"the model ran {busy:.0%} of the time, {share(FULL, COST):.0%} of batches full "
-            f"({_mean(recent, (FULL, COST)):.1f} requests on average): throughput is the model's"
+            f"({_mean(recent, (FULL, COST)):.1f} requests on average), {backlog:.0%} with requests still "
+            "queued behind them: throughput is the model's"
         )
     early = (TIMER, IDLE, DEADLINE, DRAIN, STEP)  # left before they were full
     top = max(early, key=lambda r: recent.flushes[r])

@@ -78,7 +78,7 @@ _GAUGES = (
     ("in_flight_requests", "in_flight", "Requests in a batch that is running now"),
     ("batch_size_limit", "batch_size_limit", "The largest batch formed now"),
     ("model_busy_ratio", "busy_fraction", "Share of its slots' time the model ran (last 10 to 20 s)"),
-    ("concurrency_limit", "concurrency_limit", "Batches allowed in flight now (tuned with \"auto\")"),
+    ("concurrency_limit", "concurrency_limit", 'Batches allowed in flight now (tuned with "auto")'),
 )
 _BY_REASON = (
     ("flushes", "flushes", "Batches sent to the model, by the reason they left"),

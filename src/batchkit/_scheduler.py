@@ -324,7 +324,7 @@ class Scheduler:
             return None
         counters.queue_wait.add_since(now, starts)
         counters.in_flight += len(taken)
-        counters.flushed(reason, len(taken), now)
+        counters.flushed(reason, len(taken), now, backlog=self._queue.live > 0)
         shared = cast("tuple[Hashable, Hashable]", key)[0] if self.settings.batch_key is not None else None
         batch = Batch(taken, items, deadline, now, shared)
         self._running.add(batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -222,6 +223,7 @@ class Counters:
         "requests",
         "run_time",
         "timed_out",
+        "version",
     )
 
     def __init__(self) -> None:
@@ -233,15 +235,34 @@ class Counters:
         self.latency = Histogram()
         self.flushes = [0] * len(FLUSH_REASONS)  # batches by the reason they left (see _flushes)
         self.flushed_rows = [0] * len(FLUSH_REASONS)
-        self.recent = Recent()
+        self.recent = Recent(time.perf_counter())
+        self.version = 0  # odd while the batch counts are being changed (see snapshot)
 
-    def flushed(self, reason: int, size: int, now: float) -> None:
-        """Count one batch of ``size`` that left for ``reason`` (an index into ``FLUSH_REASONS``)."""
+    def flushed(self, reason: int, size: int, now: float, *, backlog: bool = False) -> None:
+        """Count one batch of ``size`` that left for ``reason`` (an index into ``FLUSH_REASONS``);
+        ``backlog``: requests were still queued when it left."""
+        self.version += 1
         self.batches += 1
         self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
         self.flushes[reason] += 1
         self.flushed_rows[reason] += size
-        self.recent.flushed(reason, size, now)
+        self.version += 1
+        self.recent.flushed(reason, size, now, backlog)
+
+    def _batch_counts(self) -> tuple[int, dict[int, int], list[int], list[int]]:
+        """``batches``, ``batch_sizes``, ``flushes``, ``flushed_rows``, as of one moment.
+
+        Read from another thread, the loop may count a batch in between: the
+        copies are taken again until no count changed while they were taken.
+        """
+        for _ in range(100):
+            version = self.version
+            if not version % 2:
+                counts = (self.batches, self.batch_sizes.copy(), list(self.flushes), list(self.flushed_rows))
+                if self.version == version:
+                    return counts
+            time.sleep(0)  # let the loop's thread finish counting
+        return self.batches, self.batch_sizes.copy(), list(self.flushes), list(self.flushed_rows)
 
     def ran(self, seconds: float, now: float, *, batch: bool = True) -> None:
         """The model ran ``seconds`` (a whole batch, or with ``batch=False`` one step of a ``StepBatcher``)."""
@@ -263,6 +284,7 @@ class Counters:
         max_batch_size: int,
         max_queue_size: int,
     ) -> BatcherStats:
+        batches, batch_sizes, flushes, flushed_rows = self._batch_counts()
         recent = self.recent.totals(now)
         limit, detail = limited_by(
             recent,
@@ -273,7 +295,7 @@ class Counters:
         )
         return BatcherStats(
             requests=self.requests,
-            batches=self.batches,
+            batches=batches,
             completed=self.completed,
             failed=self.failed,
             rejected=self.rejected,
@@ -281,7 +303,7 @@ class Counters:
             cancelled=self.cancelled,
             pending=pending,
             in_flight=self.in_flight,
-            batch_sizes=dict(sorted(self.batch_sizes.copy().items())),
+            batch_sizes=dict(sorted(batch_sizes.items())),
             queue_wait_ms=self.queue_wait.summary(),
             run_time_ms=self.run_time.summary(),
             latency_ms=self.latency.summary(),
@@ -292,8 +314,8 @@ class Counters:
             oldest_running_ms=oldest_running_ms,
             blocked_slots=blocked_slots,
             concurrency_limit=concurrency_limit,
-            flushes=dict(zip(FLUSH_REASONS, self.flushes, strict=True)),
-            flushed_requests=dict(zip(FLUSH_REASONS, self.flushed_rows, strict=True)),
+            flushes=dict(zip(FLUSH_REASONS, flushes, strict=True)),
+            flushed_requests=dict(zip(FLUSH_REASONS, flushed_rows, strict=True)),
             busy_fraction=recent.busy_fraction(slots),
             limited_by=limit,
             limited_by_detail=detail,

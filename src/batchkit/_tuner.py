@@ -15,14 +15,18 @@ empty queue, throughput says nothing about the limit):
   then *probes* one more batch in flight for a window;
 * a probe that raises throughput by at least ``GAIN`` is kept, and the next one
   follows at once, twice as far (1, 2, 4... more); one that does not is undone,
-  and the next upward probe waits twice as many windows as the last (up to
-  ``MAX_PATIENCE``), so a model that gains nothing is probed ever more rarely;
+  and the next upward probe (of one step) waits twice as many windows as the
+  last (up to ``MAX_PATIENCE``), so a model that gains nothing is probed ever
+  more rarely;
 * after an upward probe that did not pay, it probes one batch *fewer*: kept
-  when throughput holds within ``GAIN`` (and then one fewer again), so the
-  limit comes back down from an overshoot, or when more no longer pays (fewer
-  batches in flight, each shorter: lower latency at the same throughput);
+  while throughput stays within ``DOWN`` of the higher limit's (and then one
+  fewer again), so the limit comes back down from an overshoot, or when more
+  no longer pays (fewer batches in flight, each shorter: lower latency at the
+  same throughput); a probe down that loses more is undone, and waits longer
+  next time too;
 * when the throughput at a settled limit moves by more than twice ``GAIN``
-  (the model, or the service it calls, changed speed), it probes again at once.
+  (the model, or the service it calls, changed speed), it probes again at once,
+  patience forgotten.
 
 So the limit settles where one more batch in flight no longer buys throughput,
 and at saturation more throughput is lower latency too (a request waits for the
@@ -56,7 +60,8 @@ class ConcurrencyTuner:
 
     WINDOW = 12  # batches per window, per batch in flight
     MIN_SECONDS = 0.1
-    GAIN = 0.1  # a probe must raise throughput by 10 % to be kept (less is within the noise)
+    GAIN = 0.1  # a probe up must raise throughput by 10 % to be kept (less is within the noise)
+    DOWN = 0.05  # a probe down is kept if throughput stays within 5 % of the higher limit's
     MAX_PATIENCE = 32  # windows between probes, at most
 
     def __init__(self, maximum: int) -> None:
@@ -95,7 +100,8 @@ class ConcurrencyTuner:
         base = self._base_rate
         if self._direction == 0:  # a window at the settled limit
             if base is not None and abs(rate - base) > 2 * self.GAIN * base:
-                # The model (or what it waits on) changed speed: look again soon, fewer first if slower.
+                # The model (or what it waits on) changed speed: look again at once, fewer first if slower.
+                self._patience, self._step = 1, 1
                 self._settle(rate, momentum=-1 if rate < base else +1)
                 return
             self._base_rate = rate if base is None else 0.5 * (base + rate)
@@ -106,7 +112,7 @@ class ConcurrencyTuner:
                 self._probe(min(self._step, self.maximum - self.limit))
             elif self._wait >= self._patience:
                 if self.limit < self.maximum:
-                    self._probe(min(self._step, self.maximum - self.limit))
+                    self._probe(1)
                 elif self.limit > 1:
                     self._probe(-1)
             return
@@ -116,15 +122,20 @@ class ConcurrencyTuner:
                 self._step *= 2
                 self._patience = 1
                 self._settle(rate, momentum=+1)  # it paid: climb on at once, in longer strides
-            else:
-                self.limit -= self._direction
-                self._step = 1
-                self._patience = min(self.MAX_PATIENCE, 2 * self._patience)
-                self._settle(base, momentum=-1)
-        elif rate >= base * (1 - self.GAIN):
-            self._settle(rate, momentum=-1)  # as good with fewer: keep fewer, try fewer still
+                return
+            self.limit -= self._direction
+            self._step = 1
+            self._patience = min(self.MAX_PATIENCE, 2 * self._patience)
+            self._settle(base, momentum=-1)  # the stride that got here may have gone past the best
+            return
+        self._step = 1
+        if rate >= base * (1 - self.DOWN):
+            # As good with fewer: keep fewer, try fewer still. The reference stays the higher
+            # limit's rate, so steps down never lose more than DOWN in all.
+            self._settle(max(base, rate), momentum=-1)
         else:
             self.limit += 1
+            self._patience = min(self.MAX_PATIENCE, 2 * self._patience)
             self._settle(base, momentum=0)
 
     def _probe(self, direction: int) -> None:

@@ -160,9 +160,11 @@ class Worker:
 
     def _can_start(self) -> bool:
         """A slot is free (and, with ``"auto"``, fewer batches run than the tuner allows)."""
-        if self._tuner is None:
+        if self._tuner is None or not self._idle:
             return bool(self._idle)
-        return len(self._slots) - len(self._idle) < self._tuner.limit
+        # A slot blocked by a hung call makes no progress: it does not count against the limit.
+        working = len(self._slots) - len(self._idle) - sum(1 for slot in self._slots if slot.hung)
+        return working < self._tuner.limit
 
     def _take_turn(self, lease: Lease, now: float) -> bool:
         due = self._scheduler.due(now)
@@ -279,6 +281,7 @@ class Worker:
         self._release(slot)
         self._scheduler.counters.ran(outcome.seconds, clock())
         self._scheduler.end_streams(batch, outcome.error)
+        self._tune(batch)
         if not self.retired:
             self._dispatch(clock())
 
@@ -295,12 +298,17 @@ class Worker:
         self._release(slot)
         scheduler = self._scheduler
         scheduler.learn(batch, outcome)  # a new memory cap applies to the very next batch
-        if self._tuner is not None:
-            self._tuner.observe(len(batch.requests), clock(), saturated=scheduler.pending > 0)
-            scheduler.concurrency_limit = self._tuner.limit
+        self._tune(batch)
         if not self.retired:
             self._dispatch(clock())
         scheduler.answer(batch, outcome)
+
+    def _tune(self, batch: Batch) -> None:
+        """With ``"auto"``: tell the tuner a batch finished (saturated if requests are still queued)."""
+        if self._tuner is not None:
+            scheduler = self._scheduler
+            self._tuner.observe(len(batch.requests), clock(), saturated=scheduler.pending > 0)
+            scheduler.concurrency_limit = self._tuner.limit
 
     def _release(self, slot: Slot) -> None:
         slot.batch = slot.deadline = None
