@@ -138,6 +138,27 @@ def test_a_bad_cost_curve_is_refused(sizes: tuple[int, ...], seconds: tuple[floa
         CostCurve(sizes, seconds)
 
 
+def test_model_speed_compares_the_calls_with_the_cost_curve() -> None:
+    from batchkit.bench._goodput import model_speed
+
+    cost = np.array([1.0, 1.5, 2.0])
+    assert model_speed([(0.0, 1.0, 1), (5.0, 7.0, 3)], cost) == pytest.approx(1.0)  # as fast as measured
+    assert model_speed([(0.0, 2.0, 1), (5.0, 9.0, 3)], cost) == pytest.approx(0.5)  # twice as slow
+    assert model_speed([], cost) is None
+
+
+@bench_extras
+def test_cost_curve_is_measured_at_every_size_for_the_optimum_and_for_the_model_alone() -> None:
+    from batchkit.bench._goodput import measure_cost_curve
+    from batchkit.bench._model import MODELS, Model
+
+    model = Model(MODELS["tiny"], "cpu")
+    whole, alone = measure_cost_curve(model, 6, rounds=3)
+    assert whole.sizes == alone.sizes == (1, 2, 3, 4, 6)
+    assert all(s > 0 for s in whole.seconds + alone.seconds)
+    assert model.run_log() == []  # the measurement leaves no calls behind for the cells to count
+
+
 def test_curve_sizes_reach_the_largest_batch() -> None:
     from batchkit.bench._goodput import curve_sizes
 
@@ -346,7 +367,7 @@ def _cell(variant: str, load: str, fraction: float, **fields: Any) -> Any:
         "offered_rps": 1000.0 * fraction, "requests": 1000, "good": 900, "late": 100, "refused": 0, "timed_out": 0,
         "errors": 0, "wrong": 0, "unanswered": 0, "goodput_rps": 900.0, "optimum_rps": 950.0, "of_optimum": 0.95,
         "of_capacity": 0.9, "p50_ms": 5.0, "p99_ms": 10.0, "mean_batch_size": 8.0, "model_busy": 0.5,
-        "lag_p99_ms": 1.0,
+        "model_speed": 1.0, "lag_p99_ms": 1.0,
     }  # fmt: skip
     values.update(fields)
     return GoodputCell(**values)

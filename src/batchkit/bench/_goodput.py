@@ -154,23 +154,40 @@ def curve_sizes(max_batch: int) -> list[int]:
     return sorted(sizes)
 
 
-def measure_cost_curve(model: Model, max_batch: int, *, repeat: int = 15) -> CostCurve:
-    """Median run time of ``model.run_list`` (stack, model, unbind: what any batcher of samples does) per size."""
+def measure_cost_curve(model: Model, max_batch: int, *, rounds: int = 15) -> tuple[CostCurve, CostCurve]:
+    """Median run times per batch size: of ``model.run_list`` (stack, model, unbind: what any batcher of samples
+    does; the optimum's costs) and of the model call alone (what the cells' model speed is compared with).
+
+    The sizes are timed in turns, ``rounds`` times each, so that a disturbance slows every size alike.
+    """
     sizes = curve_sizes(max_batch)
     items = [model.sample() for _ in range(max_batch)]
     for _ in range(3):
         model.run_list(items)  # warm up at the largest size
-    seconds = []
-    for size in sizes:
-        batch = items[:size]
-        times = []
-        for _ in range(repeat + 2):
-            start = time.perf_counter()
-            model.run_list(batch)
-            times.append(time.perf_counter() - start)
-        seconds.append(float(np.median(times[2:])))
     model.reset_counts()
-    return CostCurve(tuple(sizes), tuple(seconds))
+    whole: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(rounds):
+        for size in sizes:
+            start = time.perf_counter()
+            model.run_list(items[:size])
+            whole[size].append(time.perf_counter() - start)
+    calls: dict[int, list[float]] = {size: [] for size in sizes}
+    for begin, end, size in model.run_log():
+        calls[size].append(end - begin)
+    model.reset_counts()
+
+    def curve(times: dict[int, list[float]]) -> CostCurve:
+        return CostCurve(tuple(sizes), tuple(float(np.median(times[size])) for size in sizes))
+
+    return curve(whole), curve(calls)
+
+
+def model_speed(runs: list[tuple[float, float, int]], model_cost: np.ndarray) -> float | None:
+    """How fast the model ran in a cell against its cost curve: 1.0 as measured alone, 0.8 when 25 % slower."""
+    spent = sum(end - begin for begin, end, _ in runs)
+    if not runs or spent <= 0:
+        return None
+    return float(sum(model_cost[min(size, len(model_cost)) - 1] for _, _, size in runs)) / spent
 
 
 # -- loads and references ------------------------------------------------------------------------
@@ -245,6 +262,8 @@ class GoodputCell:
     p99_ms: float | None
     mean_batch_size: float
     model_busy: float
+    model_speed: float | None
+    """The model's speed in this cell against its cost curve (1.0: as fast as measured alone; None: never ran)."""
     lag_p99_ms: float | None
     load_reach: float | None = None
 
@@ -254,7 +273,13 @@ class GoodputCell:
 
 
 def summarize(
-    variant: GoodputVariant, load: GoodputLoad, ref: Reference, out: Outcome, capacity: float, duration_s: float
+    variant: GoodputVariant,
+    load: GoodputLoad,
+    ref: Reference,
+    out: Outcome,
+    capacity: float,
+    duration_s: float,
+    model_cost: np.ndarray,
 ) -> GoodputCell:
     p50, p99 = percentiles_ms(out.latencies, (50, 99))
     (lag_p99,) = percentiles_ms(out.lags, (99,))
@@ -284,6 +309,7 @@ def summarize(
         p99_ms=p99,
         mean_batch_size=out.mean_batch_size,
         model_busy=out.model_busy,
+        model_speed=model_speed(out.runs, model_cost),
         lag_p99_ms=lag_p99,
         load_reach=load.reach,
     )
@@ -315,8 +341,9 @@ def run_goodput(plan: GoodputPlan, model: Model, console: Console) -> tuple[list
     for family, reason in skipped.items():
         console.print(f"[yellow]skipping {family}[/]: {escape(reason)}")
     max_batch = max(v.setting.batch_size for v in variants) if variants else plan.reference.batch_size
-    curve = measure_cost_curve(model, max_batch)
+    curve, model_curve = measure_cost_curve(model, max_batch)
     cost = curve.per_size()
+    model_cost = model_curve.per_size()
     capacity = curve.capacity
     deadline_s = plan.deadline_ms / 1000.0 if plan.deadline_ms is not None else DEADLINE_FACTOR * float(cost[-1])
     period_s = burst_period(deadline_s, plan.duration_s)
@@ -356,7 +383,7 @@ def run_goodput(plan: GoodputPlan, model: Model, console: Console) -> tuple[list
                 for variant in variants:
                     progress.update(task, description=f"{variant.name} {load.label}")
                     out = _measure(variant, model, inputs, times, deadline_s, plan)
-                    cells.append(summarize(variant, load, ref, out, capacity, plan.duration_s))
+                    cells.append(summarize(variant, load, ref, out, capacity, plan.duration_s, model_cost))
                     progress.advance(task)
         finally:
             gc.unfreeze()
@@ -374,7 +401,11 @@ def run_goodput(plan: GoodputPlan, model: Model, console: Console) -> tuple[list
         "optimum": "exact: the most requests a one-batch-at-a-time server knowing every arrival could answer within "
         "their deadlines, on the measured cost curve",
     }
-    cost_curve = {"sizes": list(curve.sizes), "ms": [s * 1000.0 for s in curve.seconds]}
+    cost_curve = {
+        "sizes": list(curve.sizes),
+        "ms": [s * 1000.0 for s in curve.seconds],
+        "model_call_ms": [s * 1000.0 for s in model_curve.seconds],
+    }
     write_goodput(plan, model, settings, cost_curve, cells, references, skipped, console)
     return cells, references
 

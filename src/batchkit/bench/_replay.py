@@ -49,6 +49,8 @@ class Outcome:
     lags: list[float] = field(default_factory=list)
     model_busy: float = 0.0
     mean_batch_size: float = 0.0
+    runs: list[tuple[float, float, int]] = field(default_factory=list)
+    """``(start, end, batch size)`` of the model calls from the first arrival to the end."""
 
     @property
     def total(self) -> int:
@@ -146,4 +148,5 @@ async def replay(
     out.lags = recorder.trace.lags
     out.model_busy = model.busy(recorder.start, recorder.stop)
     out.mean_batch_size = model.mean_batch_size
+    out.runs = model.run_log()
     return out

@@ -58,6 +58,7 @@ COLUMNS: list[tuple[str, Callable[[GoodputCell], str]]] = [
     ("p99 ms", lambda c: _ms(c.p99_ms)),
     ("batch", lambda c: f"{c.mean_batch_size:.1f}"),
     ("busy", lambda c: f"{c.model_busy:.0%}"),
+    ("speed", lambda c: "-" if c.model_speed is None else f"{c.model_speed:.2f}"),
     ("lag p99", lambda c: _ms(c.lag_p99_ms)),
 ]
 
@@ -75,7 +76,8 @@ LEGEND = [
     "late: answered after the deadline; refused: QueueFullError; timed out: RequestTimeoutError (given up at or "
     "before the deadline); other: errors, wrong answers, and requests unanswered when the run ended",
     "p50/p99: latency of the answered requests (late ones included), from the planned arrival; batch: mean batch "
-    "size; busy: share of the trace the model ran; lag p99: event-loop heartbeat lateness (ms)",
+    "size; busy: share of the trace the model ran; speed: the model's speed against its cost curve (below 1: it ran "
+    "slower than when measured alone, which the optimum assumes); lag p99: event-loop heartbeat lateness (ms)",
     "!: a pattern whose peak rate the load generator alone cannot issue on time here",
 ]
 
