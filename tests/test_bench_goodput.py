@@ -287,6 +287,9 @@ def test_goodput_scenario_writes_table_csv_json_and_plot(tmp_path: Path) -> None
     assert document["model"]["cost_curve"]["sizes"] == [1, 2, 3, 4, 6, 8]
     references = {ref["load"]: ref for ref in document["optimum"]}
     assert set(references) == {"poisson 300/s", "bursty 300/s"}
+    for ref in references.values():
+        assert ref["speed"] > 0  # the model ran in the cells, at some speed against its curve
+        assert 0 < ref["optimum_at_speed_rps"] <= ref["offered_rps"]
     cells = document["results"]
     assert {c["variant"] for c in cells} == {
         "batchkit[w=1,b=8]", "batchkit[w=auto,b=8]", "batchkit-deadline[w=1,b=8]", "batchkit-deadline[w=auto,b=8]",
@@ -373,10 +376,11 @@ def _cell(variant: str, load: str, fraction: float, **fields: Any) -> Any:
     return GoodputCell(**values)
 
 
-def _reference(load: str, fraction: float, optimum_rps: float) -> Any:
+def _reference(load: str, fraction: float, optimum_rps: float, **fields: Any) -> Any:
     from batchkit.bench._goodput import Reference
 
-    return Reference(load.split()[0], load, fraction, 1000, 1000.0 * fraction, int(optimum_rps), optimum_rps)
+    pattern = load.split()[0]
+    return Reference(pattern, load, fraction, 1000, 1000.0 * fraction, int(optimum_rps), optimum_rps, **fields)
 
 
 @bench_extras
@@ -384,7 +388,8 @@ def test_headline_judges_both_targets_from_the_cells() -> None:
     from batchkit.bench._report_goodput import headline, markdown_table
 
     capacity = 1000.0
-    refs = [_reference("poisson 50%", 0.5, 500.0), _reference("poisson 150%", 1.5, 980.0)]
+    refs = [_reference("poisson 50%", 0.5, 500.0)]
+    refs.append(_reference("poisson 150%", 1.5, 980.0, speed=0.8, optimum_at_speed_rps=790.0))
     refs.append(_reference("bursty 150%", 1.5, 600.0))
     cells = [
         _cell("batchkit[w=2,b=64]", "poisson 50%", 0.5, p99_ms=10.0),
@@ -405,7 +410,9 @@ def test_headline_judges_both_targets_from_the_cells() -> None:
     assert "batchkit[w=auto,b=64] answered 400/s in time, 0.40x capacity (target >= 0.9x: NOT met)" in text
     assert "batchkit-deadline[w=auto,b=64] answered 950/s in time, 0.95x capacity (target >= 0.9x: met)" in text
     assert "out of reach on this trace, where the optimum is 0.60x" in text
+    assert "at the 0.80x speed the model ran at, the optimum is 0.79x capacity" in text
     assert "floor" not in text  # the targets are batchkit's
     table = markdown_table(cells, refs, capacity)
     assert "| **optimum (exact)** | **poisson 150%** | **1,500** | **980** | **100%** | **98%** |" in table
+    assert "| **optimum at 0.80x speed** | **poisson 150%** | **1,500** | **790** | **81%** | **79%** |" in table
     assert "| floor[w=2,b=64] | poisson 150% | 1,500 | 100 | 10% | 10% |" in table

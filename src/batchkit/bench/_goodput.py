@@ -225,6 +225,10 @@ class Reference:
     offered_rps: float
     optimum: int
     optimum_rps: float
+    speed: float | None = None
+    """The median speed the model ran at in this trace's cells (against its cost curve)."""
+    optimum_at_speed_rps: float | None = None
+    """The optimum with the cost curve slowed to ``speed``: what the machine, as it ran, allowed."""
 
 
 # -- the numbers ---------------------------------------------------------------------------------
@@ -364,7 +368,7 @@ def run_goodput(plan: GoodputPlan, model: Model, console: Console) -> tuple[list
     cells: list[GoodputCell] = []
     references: list[Reference] = []
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("", total=len(loads) * (1 + len(variants)))
+        task = progress.add_task("", total=len(loads) * (2 + len(variants)))
         traces = []
         for load in loads:
             progress.update(task, description=f"optimum {load.label}")
@@ -387,6 +391,11 @@ def run_goodput(plan: GoodputPlan, model: Model, console: Console) -> tuple[list
                     progress.advance(task)
         finally:
             gc.unfreeze()
+        for index, (times, ref) in enumerate(zip(traces, references, strict=True)):
+            progress.update(task, description=f"optimum at the measured speed, {ref.load}")
+            references[index] = _at_speed(ref, [c for c in cells if c.load == ref.load], times, deadline_s, cost,
+                                          plan.duration_s)  # fmt: skip
+            progress.advance(task)
     settings = {
         "warmup_s": plan.warmup_s,
         "duration_s": plan.duration_s,
@@ -400,6 +409,7 @@ def run_goodput(plan: GoodputPlan, model: Model, console: Console) -> tuple[list
         "inputs": f"{POOL} distinct samples, cycled; each answer checked against its own",
         "optimum": "exact: the most requests a one-batch-at-a-time server knowing every arrival could answer within "
         "their deadlines, on the measured cost curve",
+        "optimum_at_speed": "the same with the cost curve slowed to the median model speed of the trace's cells",
     }
     cost_curve = {
         "sizes": list(curve.sizes),
@@ -408,6 +418,17 @@ def run_goodput(plan: GoodputPlan, model: Model, console: Console) -> tuple[list
     }
     write_goodput(plan, model, settings, cost_curve, cells, references, skipped, console)
     return cells, references
+
+
+def _at_speed(ref: Reference, cells: list[GoodputCell], times: np.ndarray, deadline_s: float, cost: np.ndarray,
+              duration_s: float) -> Reference:  # fmt: skip
+    """The reference with the optimum recomputed at the median speed the model ran at in ``cells``."""
+    speeds = [c.model_speed for c in cells if c.model_speed is not None]
+    if not speeds:
+        return ref
+    speed = float(np.median(speeds))
+    best = optimum(times, deadline_s, cost / speed)
+    return replace(ref, speed=speed, optimum_at_speed_rps=best / duration_s)
 
 
 def _measure(

@@ -65,7 +65,8 @@ COLUMNS: list[tuple[str, Callable[[GoodputCell], str]]] = [
 LEGEND = [
     "optimum (exact): the most requests a scheduler knowing every arrival in advance could answer within their "
     "deadlines, one batch at a time, on the measured cost curve (no event loop, no callers); every variant replays "
-    "the same trace",
+    "the same trace; optimum at Sx speed: the same with every batch 1/S times as long, S the median speed the model "
+    "ran at in that trace's cells (what the machine, as it ran, allowed)",
     "goodput: requests answered correctly within their deadline, per second; of optimum: goodput / the optimum's; "
     "of capacity: goodput / the model's capacity (requests/s at its best batch size)",
     "poisson P%: Poisson arrivals at P % of capacity; bursty P%: on/off, twice that rate for half of each period and "
@@ -89,22 +90,35 @@ def legend(cells: list[GoodputCell]) -> list[str]:
     return lines
 
 
-def _optimum_row(ref: Reference, capacity: float, unreached: bool) -> list[str]:
-    row = ["optimum (exact)", f"{ref.load} !" if unreached else ref.load, f"{ref.offered_rps:,.0f}"]
-    row += [f"{ref.optimum_rps:,.0f}", "100%" if ref.optimum else "-", _share(ref.optimum_rps / capacity)]
-    return row + [""] * (len(COLUMNS) - len(row))
+def _optimum_rows(ref: Reference, capacity: float, unreached: bool) -> list[list[str]]:
+    load = f"{ref.load} !" if unreached else ref.load
+    row = ["optimum (exact)", load, f"{ref.offered_rps:,.0f}", f"{ref.optimum_rps:,.0f}"]
+    row += ["100%" if ref.optimum else "-", _share(ref.optimum_rps / capacity)]
+    rows = [row + [""] * (len(COLUMNS) - len(row))]
+    if ref.speed is not None and ref.optimum_at_speed_rps is not None:
+        share = ref.optimum_at_speed_rps / ref.optimum_rps if ref.optimum_rps else None
+        slow = [
+            f"optimum at {ref.speed:.2f}x speed",
+            load,
+            f"{ref.offered_rps:,.0f}",
+            f"{ref.optimum_at_speed_rps:,.0f}",
+        ]
+        slow += [_share(share), _share(ref.optimum_at_speed_rps / capacity)]
+        slow += [""] * (len(COLUMNS) - len(slow) - 2) + [f"{ref.speed:.2f}", ""]
+        rows.append(slow)
+    return rows
 
 
 def _groups(
     cells: list[GoodputCell], references: list[Reference], capacity: float
-) -> list[tuple[list[str], list[list[str]]]]:
-    """Per trace: the optimum's row, then each variant's, in the order measured."""
+) -> list[tuple[list[list[str]], list[list[str]]]]:
+    """Per trace: the optimum's rows, then each variant's, in the order measured."""
     groups = []
     for ref in references:
         mine = [c for c in cells if c.load == ref.load]
         unreached = any(c.load_unreached for c in mine)
         rows = [[show(c) for _, show in COLUMNS] for c in mine]
-        groups.append((_optimum_row(ref, capacity, unreached), rows))
+        groups.append((_optimum_rows(ref, capacity, unreached), rows))
     return groups
 
 
@@ -116,7 +130,8 @@ def rich_table(cells: list[GoodputCell], references: list[Reference], capacity: 
     for index, (best, rows) in enumerate(_groups(cells, references, capacity)):
         if index:
             table.add_section()
-        table.add_row(*(escape(text) for text in best), style="bold")
+        for row in best:
+            table.add_row(*(escape(text) for text in row), style="bold")
         for row in rows:
             table.add_row(*(escape(text) for text in row))
     return table
@@ -125,7 +140,7 @@ def rich_table(cells: list[GoodputCell], references: list[Reference], capacity: 
 def markdown_table(cells: list[GoodputCell], references: list[Reference], capacity: float) -> str:
     lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for best, rows in _groups(cells, references, capacity):
-        lines.append("| " + " | ".join(f"**{text}**" if text else "" for text in best) + " |")
+        lines += ["| " + " | ".join(f"**{text}**" if text else "" for text in row) + " |" for row in best]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", *(f"- {line}" for line in legend(cells))]
     summary = headline(cells, references, capacity)
@@ -145,6 +160,10 @@ def headline(cells: list[GoodputCell], references: list[Reference], capacity: fl
         if ref.load_fraction <= 1.0 + 1e-9:
             continue
         reachable = ref.optimum_rps / capacity
+        slowed = ""
+        if ref.speed is not None and ref.optimum_at_speed_rps is not None:
+            slowed = f"; at the {ref.speed:.2f}x speed the model ran at, the optimum is "
+            slowed += f"{ref.optimum_at_speed_rps / capacity:.2f}x capacity"
         for cell in cells:
             if cell.load != ref.load or not cell.family.startswith("batchkit"):
                 continue
@@ -153,7 +172,7 @@ def headline(cells: list[GoodputCell], references: list[Reference], capacity: fl
                 verdict += f"; out of reach on this trace, where the optimum is {reachable:.2f}x"
             lines.append(
                 f"{ref.load}: {cell.variant} answered {cell.goodput_rps:,.0f}/s in time, {cell.of_capacity:.2f}x "
-                f"capacity ({verdict}), {_share(cell.of_optimum)} of the optimum"
+                f"capacity ({verdict}), {_share(cell.of_optimum)} of the optimum{slowed}"
             )
     for ref in references:
         if ref.load_fraction > 0.9 + 1e-9:
@@ -191,6 +210,9 @@ def plot(cells: list[GoodputCell], references: list[Reference], capacity: float,
         refs = sorted((r for r in references if r.pattern == pattern), key=lambda r: r.load_fraction)
         xs = [r.load_fraction * 100 for r in refs]
         top.plot(xs, [r.optimum_rps for r in refs], "k--", lw=2, label="optimum (exact)", zorder=3)
+        slowed = [(x, r.optimum_at_speed_rps) for x, r in zip(xs, refs, strict=True) if r.optimum_at_speed_rps]
+        if slowed:
+            top.plot(*zip(*slowed, strict=True), "--", color="dimgrey", lw=1, label="optimum at the speed it ran")
         top.plot(xs, [r.offered_rps for r in refs], ":", color="grey", label="offered")
         top.axhline(capacity, color="grey", lw=1, label="capacity")
         for variant in variants:
