@@ -8,7 +8,8 @@ batchkit bench --scenario goodput --quick    # requests answered within their de
 python -m batchkit.bench --model tiny --variants batchkit,floor --closed 1,64 --out /tmp/b
 ```
 
-Writes ``results.json``, ``results.md`` and ``bench.png`` to ``--out``.
+Writes ``results.json``, ``results.md`` and ``bench.png`` to ``--out`` (the goodput scenario also
+``results.csv``).
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def _parser(prog: str = "batchkit bench") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Serve one model naively, through batchkit and through other batchers; compare them.",
-        epilog="Writes results.json, results.md and bench.png to --out. Peers not installed are skipped.",
+        epilog="Writes results.json, results.md and bench.png to --out (goodput: results.csv too). Peers not installed "
+        "are skipped.",
     )
     _add_options(parser)
     return parser
