@@ -4,10 +4,12 @@
 batchkit bench                 # the full run, about 5 minutes on 2 CPU cores
 batchkit bench --quick         # about 30 seconds
 batchkit bench --scenario generate --quick   # a model that answers in steps: step-level batching, under a minute
+batchkit bench --scenario goodput --quick    # requests answered within their deadline, against the optimum
 python -m batchkit.bench --model tiny --variants batchkit,floor --closed 1,64 --out /tmp/b
 ```
 
-Writes ``results.json``, ``results.md`` and ``bench.png`` to ``--out``.
+Writes ``results.json``, ``results.md`` and ``bench.png`` to ``--out`` (the goodput scenario also
+``results.csv``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._extras import require
+from ._arrivals import PATTERNS
 from ._generate import GENERATE_FAMILIES, GenPlan, run_generate
+from ._goodput import GOODPUT_FAMILIES, GoodputPlan, run_goodput
 from ._loads import HEARTBEAT_S, Load, Trace, generator_reach, run_load, run_offline
 from ._model import MODELS, Model, configure_threads, pick_device
 from ._peers import PEERS, peer_variants
@@ -37,7 +41,7 @@ __all__ = ["cli", "main"]
 
 CORE = ("naive-inline", "naive-thread", "batchkit", "floor", "offline-ideal")
 FAMILIES = (*CORE, *PEERS)
-SCENARIOS = ("serve", "generate")
+SCENARIOS = ("serve", "generate", "goodput")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,10 @@ class Plan:
     duration_s: float
     out: Path
     scenario: str = "serve"
+    patterns: tuple[str, ...] = ()
+    """goodput: the arrival patterns."""
+    deadline_ms: float | None = None
+    """goodput: every request's deadline (None: 4x a full batch's run time)."""
 
 
 # Option types: each turns the text into a value or raises ArgumentTypeError (a one-line error).
@@ -126,9 +134,15 @@ def _fixed_setting(text: str) -> Setting:
 
 
 def _family(text: str) -> str:
-    if text not in FAMILIES and text not in GENERATE_FAMILIES:
-        known = ", ".join(dict.fromkeys((*FAMILIES, *GENERATE_FAMILIES)))
+    if text not in FAMILIES and text not in GENERATE_FAMILIES and text not in GOODPUT_FAMILIES:
+        known = ", ".join(dict.fromkeys((*FAMILIES, *GENERATE_FAMILIES, *GOODPUT_FAMILIES)))
         raise argparse.ArgumentTypeError(f"unknown variants: {text} (choose from {known})")
+    return text
+
+
+def _pattern(text: str) -> str:
+    if text not in PATTERNS:
+        raise argparse.ArgumentTypeError(f"unknown pattern {text!r} (choose from {', '.join(PATTERNS)})")
     return text
 
 
@@ -136,7 +150,8 @@ def _parser(prog: str = "batchkit bench") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Serve one model naively, through batchkit and through other batchers; compare them.",
-        epilog="Writes results.json, results.md and bench.png to --out. Peers not installed are skipped.",
+        epilog="Writes results.json, results.md and bench.png to --out (goodput: results.csv too). Peers not installed "
+        "are skipped.",
     )
     _add_options(parser)
     return parser
@@ -149,7 +164,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--scenario",
         choices=SCENARIOS,
         default="serve",
-        help="serve: one-shot requests (default); generate: a GRU answering in 1-256 steps, step-level batching",
+        help="serve: one-shot requests (default); generate: a GRU answering in 1-256 steps, step-level batching; "
+        "goodput: requests with a deadline (Poisson and bursty arrivals), each variant against the exact optimum",
     )
     add("--model", choices=["auto", *MODELS], default="auto", help="auto: large on CUDA, else mlp")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -157,12 +173,14 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     add(
         "--variants",
         type=_list_of(_family),
-        help=f"comma-separated, from: {', '.join(FAMILIES)}; generate: {', '.join(GENERATE_FAMILIES)} (default: all)",
+        help=f"comma-separated, from: {', '.join(FAMILIES)}; generate: {', '.join(GENERATE_FAMILIES)}; goodput: "
+        f"{', '.join(GOODPUT_FAMILIES)} (default: all)",
     )
     add(
         "--settings",
         type=_list_of(_setting),
-        help="batchkit settings as wait_ms:batch_size,... ('auto' wait allowed; default 0:64,2:64,auto:64,5:256)",
+        help="batchkit settings as wait_ms:batch_size,... ('auto' wait allowed; default 0:64,2:64,auto:64,5:256; "
+        "goodput: 2:64,auto:64)",
     )
     add(
         "--reference",
@@ -174,11 +192,18 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--open",
         type=_list_of(_positive_float),
         help="open-loop rates, as fractions of offline capacity (default 0.25,0.5,0.8); generate: of request-level "
-        "batching's (request-padded's) saturation throughput (default 0.5,0.8)",
+        "batching's (request-padded's) saturation throughput (default 0.5,0.8); goodput: of the capacity from the "
+        "cost curve (default 0.5,0.8,1,1.1,1.5)",
     )
     add("--rates", type=_list_of(_positive_float), help="open-loop rates in requests/s (replaces --open)")
+    add("--patterns", type=_list_of(_pattern), help=f"goodput: arrival patterns, {', '.join(PATTERNS)} (default: both)")
+    add(
+        "--deadline-ms",
+        type=_positive_float,
+        help="goodput: every request's deadline, from its arrival (default: 4x the run time of a full batch)",
+    )
     add("--warmup", type=_non_negative_float, help="seconds before measuring each cell (default 0.5)")
-    add("--duration", type=_positive_float, help="seconds measured per cell (default 2)")
+    add("--duration", type=_positive_float, help="seconds measured per cell (default 2; goodput: 3, the trace)")
     add("--out", type=Path, default=Path("bench-results"), help="output folder")
 
 
@@ -191,8 +216,14 @@ def make_plan(argv: Sequence[str] | None) -> Plan:
     parser = _parser()
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.scenario != "goodput":
+        for option, given in (("--patterns", args.patterns), ("--deadline-ms", args.deadline_ms)):
+            if given is not None:
+                parser.error(f"{option} is for --scenario goodput")
     if args.scenario == "generate":
         return _generate_plan(parser, args)
+    if args.scenario == "goodput":
+        return _goodput_plan(parser, args)
     settings = args.settings or _list_of(_setting)("0:64,2:64" if quick else "0:64,2:64,auto:64,5:256")
     plan = Plan(
         model=args.model,
@@ -210,7 +241,8 @@ def make_plan(argv: Sequence[str] | None) -> Plan:
     )
     foreign = [f for f in plan.families if f not in FAMILIES]
     if foreign:
-        parser.error(f"variants {', '.join(foreign)} are for --scenario generate")
+        scenario = "generate" if all(f in GENERATE_FAMILIES for f in foreign) else "goodput"
+        parser.error(f"variants {', '.join(foreign)} are for --scenario {scenario}")
     served = set(plan.families) - {"offline-ideal"}
     if served and not (plan.closed or plan.open_fractions or plan.open_rates):
         parser.error("no load to measure: give --closed, --open or --rates")
@@ -248,6 +280,58 @@ def _generate_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if not (plan.closed or plan.open_fractions or plan.open_rates):
         parser.error("no load to measure: give --closed, --open or --rates")
     return plan
+
+
+def _goodput_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Plan:
+    """The plan of ``--scenario goodput``: its own variants, loads (fractions of capacity) and trace length."""
+    quick = args.quick
+    families = args.variants or GOODPUT_FAMILIES
+    foreign = [f for f in families if f not in GOODPUT_FAMILIES]
+    if foreign:
+        parser.error(f"--scenario goodput has no variants {', '.join(foreign)} (it has {', '.join(GOODPUT_FAMILIES)})")
+    if args.closed is not None:
+        parser.error("--closed is not for --scenario goodput: it replays open-loop traces (--open, --rates)")
+    plan = Plan(
+        model=args.model,
+        device=args.device,
+        threads=args.threads,
+        families=families,
+        settings=args.settings or _list_of(_setting)("2:64,auto:64"),
+        reference=args.reference or Setting.parse("2:64"),
+        closed=(),
+        open_fractions=_or(args.open, (0.5, 0.8, 1.0, 1.1, 1.5)),
+        open_rates=_or(args.rates, ()),
+        warmup_s=args.warmup if args.warmup is not None else (0.2 if quick else 0.5),
+        duration_s=args.duration if args.duration is not None else (1.0 if quick else 3.0),
+        out=args.out,
+        scenario="goodput",
+        patterns=args.patterns or PATTERNS,
+        deadline_ms=args.deadline_ms,
+    )
+    if not (plan.open_fractions or plan.open_rates):
+        parser.error("no load to measure: give --open or --rates")
+    return plan
+
+
+def goodput(plan: Plan, console: Console) -> None:
+    """Run ``--scenario goodput``."""
+    device = pick_device(plan.device)
+    threads = configure_threads(plan.threads)
+    model = Model(MODELS[plan.model if plan.model != "auto" else ("large" if device == "cuda" else "mlp")], device)
+    goodput_plan = GoodputPlan(
+        threads=threads,
+        families=plan.families,
+        settings=plan.settings,
+        reference=plan.reference,
+        fractions=plan.open_fractions,
+        rates=plan.open_rates,
+        patterns=plan.patterns,
+        deadline_ms=plan.deadline_ms,
+        warmup_s=plan.warmup_s,
+        duration_s=plan.duration_s,
+        out=plan.out,
+    )
+    run_goodput(goodput_plan, model, console)
 
 
 def generate(plan: Plan, console: Console) -> None:
@@ -425,6 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 150)
     if plan.scenario == "generate":
         generate(plan, console)
+    elif plan.scenario == "goodput":
+        goodput(plan, console)
     else:
         run(plan, console)
     return 0

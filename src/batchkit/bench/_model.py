@@ -78,7 +78,7 @@ class Model:
         self._lock = threading.Lock()
         self.calls = 0
         self.samples = 0
-        self.runs: list[tuple[float, float]] = []  # (start, end) of each call, time.perf_counter()
+        self.runs: list[tuple[float, float, int]] = []  # (start, end, batch size) of each call, time.perf_counter()
 
     def sample(self) -> Any:
         """One random input on the model's device."""
@@ -92,7 +92,7 @@ class Model:
         with self._lock:
             self.calls += 1
             self.samples += len(batch)
-            self.runs.append((start, end))
+            self.runs.append((start, end, len(batch)))
         return output
 
     def run_list(self, items: list[Any]) -> list[Any]:
@@ -110,8 +110,13 @@ class Model:
         """The share of ``[start, stop]`` during which the model was running."""
         with self._lock:
             runs = list(self.runs)
-        overlap = sum(max(0.0, min(end, stop) - max(begin, start)) for begin, end in runs)
+        overlap = sum(max(0.0, min(end, stop) - max(begin, start)) for begin, end, _ in runs)
         return overlap / (stop - start)
+
+    def run_log(self) -> list[tuple[float, float, int]]:
+        """``(start, end, batch size)`` of every call since the last ``reset_counts()``."""
+        with self._lock:
+            return list(self.runs)
 
     @property
     def mean_batch_size(self) -> float:
