@@ -39,7 +39,7 @@ from ._execute import Executor
 from ._extras import require
 from ._padding import PadSequences
 from ._runner import Replicas
-from ._scheduler import Scheduler
+from ._scheduler import DedupScheduler, Scheduler
 from ._settings import DEFAULT_MAX_QUEUE_SIZE, BatcherOptions, ModuleBatcherOptions, Settings
 from ._stats import BatcherStats
 from ._stream import Channel
@@ -173,6 +173,15 @@ class Batcher(Generic[InT, OutT]):
             and ``fn`` reads its batch's key with ``batchkit.current_batch_key()``.
             Groups take turns: the due group whose oldest request is oldest goes
             first, so no key starves another.
+        dedup_key: ``input -> hashable key``: requests with equal keys that
+            are queued or running at the same time are computed once, and each
+            caller gets its own copy of the result (or of the error). A caller
+            that joins another's computation is never queued; it keeps its own
+            deadline and may cancel without affecting the others.
+        cache_size: with ``dedup_key``, keep the results of this many keys
+            (least recently used out first): a request whose key is cached is
+            answered at once, with its own copy (``stats().cache_hits``).
+            ``clear_cache()`` empties it (after the model changed, say).
         stream_buffer: for a generator ``fn``, the items buffered for one
             ``stream()`` reader; one that falls that far behind is cut off with
             ``StreamBufferFullError`` (the other rows never wait for it).
@@ -213,6 +222,8 @@ class Batcher(Generic[InT, OutT]):
         stream_buffer: int = 1024,
         replace_hung: bool = False,
         batch_key: Callable[[Any], Hashable] | None = None,
+        dedup_key: Callable[[Any], Hashable] | None = None,
+        cache_size: int = 0,
         name: str | None = None,
     ) -> None:
         if not callable(fn):
@@ -239,8 +250,10 @@ class Batcher(Generic[InT, OutT]):
             "stream_buffer": stream_buffer,
             "replace_hung": replace_hung,
             "batch_key": batch_key,
+            "dedup_key": dedup_key,
+            "cache_size": cache_size,
         }
-        settings = Settings.build(is_async=self._is_async, **options)
+        settings = Settings.build(is_async=self._is_async, streams=self._streams, **options)
         collator = make_collator(collate)
         self._options: dict[str, Any] = {**options, "collate": collate}  # for the batchers of instances
         self._fn = fn
@@ -250,9 +263,11 @@ class Batcher(Generic[InT, OutT]):
             self._slot_fns = [fn] * (max_concurrent_batches if self._is_async else replicas)
         self._name = name or getattr(fn, "__qualname__", None) or type(fn).__qualname__
         self._executor = Executor(collator, isolate=on_error == "isolate", allowed_sizes=settings.allowed_batch_sizes)
-        self._scheduler = Scheduler(
+        scheduler_type = Scheduler if dedup_key is None else DedupScheduler
+        self._scheduler = scheduler_type(
             settings, collator.key, padded_cost=isinstance(collator, PadSequences), name=self._name
         )
+        self._dedup = self._scheduler if isinstance(self._scheduler, DedupScheduler) else None
         self._worker: BoundWorker | None = None
         self._entries: list[tuple[int, anyio.abc.TaskGroup | None]] = []  # `async with` blocks: (task, group)
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -461,6 +476,8 @@ class Batcher(Generic[InT, OutT]):
         worker = self._worker
         if worker is None or not worker.backend.is_current():
             worker = self._start_for_call()
+        if self._dedup is not None:  # an identical request, or the cache, may answer this one
+            return await self._predict_shared(self._dedup, worker.backend, x, timeout_ms, priority)
         scheduler = self._scheduler
         request = scheduler.submit(x, timeout_ms, priority)
         try:
@@ -471,6 +488,19 @@ class Batcher(Generic[InT, OutT]):
             raise
 
     __call__ = predict
+
+    async def _predict_shared(
+        self, scheduler: DedupScheduler, backend: Backend, x: InT, timeout_ms: float | None, priority: float
+    ) -> OutT:
+        request, value = scheduler.submit_shared(x, timeout_ms, priority)
+        if request is None:  # from the cache
+            return value  # type: ignore[no-any-return]
+        try:
+            return await backend.wait(request)  # type: ignore[no-any-return]
+        except BaseException:
+            scheduler.abandon(request)
+            request.waiter = None
+            raise
 
     async def stream(
         self, x: InT, *, timeout_ms: float | None = None, priority: float = 0
@@ -694,6 +724,18 @@ class Batcher(Generic[InT, OutT]):
         await worker.done.wait()
 
     # -- introspection ------------------------------------------------------------
+
+    def clear_cache(self) -> None:
+        """Forget every cached result (see ``cache_size``); nothing to do without a cache.
+
+        Results of computations already queued or running when it is called are
+        not cached either (they may come from the model as it was). Requests
+        that already joined them still get them. Safe from any thread.
+        """
+        if self._dedup is not None:
+            self._dedup.clear_cache()
+        for instance in list(self._instances):
+            instance.clear_cache()
 
     def stats(self) -> BatcherStats:
         """A snapshot of the counters (see ``BatcherStats``).

@@ -35,6 +35,8 @@ class ModuleBatcherOptions(TypedDict, total=False):
     batch_cost: Callable[[Any], float] | None
     max_batch_cost: float | None
     batch_key: Callable[[Any], Hashable] | None
+    dedup_key: Callable[[Any], Hashable] | None
+    cache_size: int
     priority_aging_ms: float
     stream_buffer: int
     replace_hung: bool
@@ -65,6 +67,14 @@ def _positive_int(name: str, value: object) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__qualname__}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__qualname__}")
+    if value < 0:
+        raise ValueError(f"{name} must be at least 0, got {value}")
     return value
 
 
@@ -106,6 +116,10 @@ class Settings:
     """After a run past run_timeout_ms: a fresh thread at once (True), or the slot waits for the call (False)."""
     batch_key: Callable[[Any], Hashable] | None = None
     """Requests whose keys differ never share a batch."""
+    dedup_key: Callable[[Any], Hashable] | None = None
+    """Requests with equal keys queued or running at the same time are computed once."""
+    cache_size: int = 0
+    """Results kept for this many dedup keys (0: no cache)."""
 
     @classmethod
     def build(
@@ -128,12 +142,27 @@ class Settings:
         stream_buffer: int = 1024,
         replace_hung: bool = False,
         batch_key: Callable[[Any], Hashable] | None = None,
+        dedup_key: Callable[[Any], Hashable] | None = None,
+        cache_size: int = 0,
+        streams: bool = False,
     ) -> Settings:
-        """Check every option (raising ``TypeError``/``ValueError`` naming the bad one)."""
+        """Check every option (raising ``TypeError``/``ValueError`` naming the bad one).
+
+        ``streams``: the model is a generator (one item per request per step).
+        """
         if batch_cost is not None and not callable(batch_cost):
             raise TypeError("batch_cost must be a callable: input -> cost")
         if batch_key is not None and not callable(batch_key):
             raise TypeError("batch_key must be a callable: input -> hashable key")
+        if dedup_key is not None and not callable(dedup_key):
+            raise TypeError("dedup_key must be a callable: input -> hashable key")
+        if _count("cache_size", cache_size) and dedup_key is None:
+            raise ValueError("cache_size needs a dedup_key: the cache is keyed by it")
+        if streams and dedup_key is not None:
+            raise ValueError(
+                "dedup_key (and cache_size) are for models that return one output per input; "
+                "a generator fn streams items, which are not shared between callers"
+            )
         if (batch_cost is None) != (max_batch_cost is None):
             raise ValueError("batch_cost and max_batch_cost go together")
         if on_error not in ("raise", "isolate"):
@@ -169,6 +198,8 @@ class Settings:
             stream_buffer=_positive_int("stream_buffer", stream_buffer),
             replace_hung=_flag("replace_hung", replace_hung),
             batch_key=batch_key,
+            dedup_key=dedup_key,
+            cache_size=cache_size,
         )
         return base.replace(
             max_batch_size=max_batch_size,

@@ -157,6 +157,13 @@ class BatcherStats:
     """Slots whose call ran past ``run_timeout_ms`` and has not returned yet: the model is never
     called twice at once, so they serve nothing until it does. A readiness check should fail
     while every slot is blocked, or ``oldest_running_ms`` grows past what the model can take."""
+    cache_hits: int = 0
+    """(``cache_size``) Requests answered from the result cache, without queueing (also ``completed``)."""
+    cache_misses: int = 0
+    """(``cache_size``) Requests whose ``dedup_key`` the cache did not hold."""
+    deduplicated: int = 0
+    """(``dedup_key``) Requests answered by an identical request's computation instead of their own
+    (with its result or its error; also counted in ``completed`` or ``failed``)."""
 
     @property
     def mean_batch_size(self) -> float:
@@ -176,8 +183,11 @@ class Counters:
     __slots__ = (
         "batch_sizes",
         "batches",
+        "cache_hits",
+        "cache_misses",
         "cancelled",
         "completed",
+        "deduplicated",
         "failed",
         "hung",
         "in_flight",
@@ -193,6 +203,7 @@ class Counters:
     def __init__(self) -> None:
         self.requests = self.batches = self.completed = self.failed = self.rejected = 0
         self.timed_out = self.cancelled = self.in_flight = self.oom_splits = self.hung = 0
+        self.cache_hits = self.cache_misses = self.deduplicated = 0
         self.batch_sizes: dict[int, int] = {}
         self.queue_wait = Histogram()
         self.run_time = Histogram()
@@ -227,4 +238,7 @@ class Counters:
             oldest_queued_ms=oldest_queued_ms,
             oldest_running_ms=oldest_running_ms,
             blocked_slots=blocked_slots,
+            cache_hits=self.cache_hits,
+            cache_misses=self.cache_misses,
+            deduplicated=self.deduplicated,
         )
