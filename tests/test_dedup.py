@@ -7,12 +7,13 @@ while callers join, cancel or time out; then they open the gate.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -22,6 +23,7 @@ import pytest
 
 import batchkit
 from batchkit._dedup import ResultCache, detached
+from batchkit._scheduler import DedupScheduler
 from tests._reliability import check_invariant, check_settled, wait_until
 from tests.conftest import RecordingModel
 
@@ -68,8 +70,28 @@ class Calls:
         self.tg.start_soon(call)
 
 
+@contextlib.asynccontextmanager
+async def serving(model: RecordingModel, **options: Any) -> AsyncIterator[tuple[batchkit.Batcher[Any, Any], Calls]]:
+    """A batcher with ``dedup_key`` and a ``Calls`` on it; the model's gate opens on the way out, come what may."""
+    async with dedup_batcher(model, **options) as batcher, anyio.create_task_group() as tg:
+        try:
+            yield batcher, Calls(batcher, tg)
+        finally:
+            model.gate.set()
+
+
 def pending(batcher: batchkit.Batcher[Any, Any], n: int) -> Callable[[], bool]:
     return lambda: batcher.stats().pending == n
+
+
+def settled(batcher: batchkit.Batcher[Any, Any], stats: batchkit.BatcherStats | None = None) -> None:
+    """Nothing queued or running, the counters add up, and the scheduler keeps no record of any caller."""
+    check_settled(batcher.stats() if stats is None else stats)
+    scheduler = batcher._scheduler  # white box: what it holds once every caller is answered
+    assert isinstance(scheduler, DedupScheduler)
+    assert not scheduler._computations
+    assert not scheduler._of
+    assert (scheduler._followers, scheduler._queued_followers) == (0, 0)
 
 
 # -- computed once ---------------------------------------------------------------------
@@ -77,8 +99,7 @@ def pending(batcher: batchkit.Batcher[Any, Any], n: int) -> Callable[[], bool]:
 
 async def test_identical_queued_inputs_are_computed_once_and_each_caller_is_answered(anyio_backend: str) -> None:
     model = RecordingModel(doubled, gated=True)
-    async with dedup_batcher(model) as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(model) as (batcher, calls):
         calls.start("blocker", "b")
         await wait_until(model.entered.is_set)
         for i in range(30):
@@ -92,13 +113,12 @@ async def test_identical_queued_inputs_are_computed_once_and_each_caller_is_answ
     assert Counter(model.seen) == Counter({"b": 1, 0: 1, 1: 1, 2: 1})
     stats = batcher.stats()
     assert (stats.completed, stats.deduplicated, stats.cache_hits, stats.cache_misses) == (31, 27, 0, 0)
-    check_settled(stats)
+    settled(batcher, stats)
 
 
 async def test_callers_join_a_running_computation(anyio_backend: str) -> None:
     model = RecordingModel(doubled, gated=True)
-    async with dedup_batcher(model) as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(model) as (batcher, calls):
         calls.start("first", "a")
         await wait_until(model.entered.is_set)
         for i in range(10):
@@ -110,13 +130,12 @@ async def test_callers_join_a_running_computation(anyio_backend: str) -> None:
     assert len(calls.results) == 11
     assert model.batches == [["a"]]
     assert batcher.stats().deduplicated == 10
-    check_settled(batcher.stats())
+    settled(batcher)
 
 
 async def test_without_dedup_key_identical_inputs_are_each_computed(anyio_backend: str) -> None:
     model = RecordingModel(doubled, gated=True)
-    async with dedup_batcher(model, dedup_key=None) as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(model, dedup_key=None) as (batcher, calls):
         calls.start("blocker", "b")
         await wait_until(model.entered.is_set)
         for i in range(5):
@@ -202,8 +221,7 @@ async def test_the_first_caller_cancelled_while_queued_leaves_the_computation_to
     anyio_backend: str,
 ) -> None:
     model = RecordingModel(doubled, gated=True)
-    async with dedup_batcher(model) as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(model) as (batcher, calls):
         calls.start("blocker", "b")
         await wait_until(model.entered.is_set)
         calls.start("first", "a")
@@ -219,13 +237,12 @@ async def test_the_first_caller_cancelled_while_queued_leaves_the_computation_to
     assert model.seen.count("a") == 1
     stats = batcher.stats()
     assert (stats.cancelled, stats.deduplicated) == (1, 1)
-    check_settled(stats)
+    settled(batcher, stats)
 
 
 async def test_the_first_caller_cancelled_while_running_leaves_the_result_to_the_others(anyio_backend: str) -> None:
     model = RecordingModel(doubled, gated=True)
-    async with dedup_batcher(model) as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(model) as (batcher, calls):
         calls.start("first", "a")
         await wait_until(model.entered.is_set)
         calls.start("second", "a")
@@ -236,13 +253,12 @@ async def test_the_first_caller_cancelled_while_running_leaves_the_result_to_the
         model.gate.set()
     assert calls.results == {"second": "aa", "third": "aa"}
     assert model.batches == [["a"]]
-    check_settled(batcher.stats())
+    settled(batcher)
 
 
 async def test_a_follower_cancelled_just_leaves(anyio_backend: str) -> None:
     model = RecordingModel(doubled, gated=True)
-    async with dedup_batcher(model) as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(model) as (batcher, calls):
         calls.start("blocker", "b")
         await wait_until(model.entered.is_set)
         calls.start("first", "a")
@@ -267,13 +283,12 @@ async def test_a_follower_cancelled_just_leaves(anyio_backend: str) -> None:
     assert Counter(model.seen) == Counter({"b": 1, "a": 1, "c": 1})
     stats = batcher.stats()
     assert (stats.cancelled, stats.deduplicated) == (2, 0)
-    check_settled(stats)
+    settled(batcher, stats)
 
 
 async def test_a_computation_whose_callers_all_left_is_never_sent(anyio_backend: str) -> None:
     model = RecordingModel(doubled, gated=True)
-    async with dedup_batcher(model) as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(model) as (batcher, calls):
         calls.start("blocker", "b")
         await wait_until(model.entered.is_set)
         calls.start("first", "a")
@@ -291,7 +306,7 @@ async def test_a_computation_whose_callers_all_left_is_never_sent(anyio_backend:
     assert model.seen == ["b", "a"]
     stats = batcher.stats()
     assert stats.cancelled == 2
-    check_settled(stats)
+    settled(batcher, stats)
 
 
 # -- deadlines -------------------------------------------------------------------------------
@@ -299,8 +314,7 @@ async def test_a_computation_whose_callers_all_left_is_never_sent(anyio_backend:
 
 async def test_a_follower_times_out_at_its_own_deadline(anyio_backend: str) -> None:
     model = RecordingModel(doubled, gated=True)
-    async with dedup_batcher(model) as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(model) as (batcher, calls):
         calls.start("first", "a")
         await wait_until(model.entered.is_set)
         calls.start("hasty", "a", timeout_ms=30)
@@ -311,13 +325,12 @@ async def test_a_follower_times_out_at_its_own_deadline(anyio_backend: str) -> N
     assert calls.results == {"first": "aa"}
     stats = batcher.stats()
     assert (stats.timed_out, stats.completed) == (1, 1)
-    check_settled(stats)
+    settled(batcher, stats)
 
 
 async def test_a_follower_with_a_later_deadline_takes_over_from_one_that_timed_out(anyio_backend: str) -> None:
     model = RecordingModel(doubled, gated=True)
-    async with dedup_batcher(model) as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(model) as (batcher, calls):
         calls.start("blocker", "b")
         await wait_until(model.entered.is_set)
         calls.start("hasty", "a", timeout_ms=30)
@@ -331,15 +344,14 @@ async def test_a_follower_with_a_later_deadline_takes_over_from_one_that_timed_o
     assert model.seen == ["b", "a"]
     stats = batcher.stats()
     assert (stats.timed_out, stats.deduplicated) == (1, 0)
-    check_settled(stats)
+    settled(batcher, stats)
 
 
 async def test_a_tighter_caller_is_queued_so_its_deadline_is_met_and_the_input_sent_once(anyio_backend: str) -> None:
     model = RecordingModel(doubled)
     # Only a deadline flushes before a minute: a caller that merely followed the first one
     # would time out.
-    async with dedup_batcher(model, max_wait_ms=60_000) as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(model, max_wait_ms=60_000) as (batcher, calls):
         calls.start("relaxed", "a")
         await wait_until(pending(batcher, 1))
         calls.start("tight", "a", timeout_ms=300)
@@ -351,7 +363,7 @@ async def test_a_tighter_caller_is_queued_so_its_deadline_is_met_and_the_input_s
     stats = batcher.stats()
     assert stats.batch_sizes == {1: 1}
     assert stats.deduplicated == 2
-    check_settled(stats)
+    settled(batcher, stats)
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -364,8 +376,7 @@ async def test_an_isolated_failure_reaches_every_caller_of_that_input_each_its_o
         return doubled(batch)
 
     recording = RecordingModel(model, gated=True)
-    async with dedup_batcher(recording, on_error="isolate") as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(recording, on_error="isolate") as (batcher, calls):
         calls.start("blocker", "b")
         await wait_until(recording.entered.is_set)
         for i in range(3):
@@ -380,7 +391,7 @@ async def test_an_isolated_failure_reaches_every_caller_of_that_input_each_its_o
     assert all(batch.count("bad") <= 1 and batch.count("good") <= 1 for batch in recording.batches)
     stats = batcher.stats()
     assert (stats.failed, stats.deduplicated) == (3, 4)
-    check_settled(stats)
+    settled(batcher, stats)
 
 
 async def test_a_failed_batch_reaches_every_caller_each_with_its_own_exception(anyio_backend: str) -> None:
@@ -388,8 +399,7 @@ async def test_a_failed_batch_reaches_every_caller_each_with_its_own_exception(a
         raise Boom("the whole batch")
 
     recording = RecordingModel(model, gated=True)
-    async with dedup_batcher(recording) as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(recording) as (batcher, calls):
         calls.start("first", "a")
         await wait_until(recording.entered.is_set)
         for i in range(3):
@@ -406,7 +416,7 @@ async def test_a_failed_batch_reaches_every_caller_each_with_its_own_exception(a
     assert Counter(recording.seen) == Counter({"a": 1, "o": 1})
     stats = batcher.stats()
     assert (stats.failed, stats.deduplicated) == (6, 4)
-    check_settled(stats)
+    settled(batcher, stats)
 
 
 async def test_a_hung_batch_and_a_close_fail_every_caller_waiting_for_it(anyio_backend: str) -> None:
@@ -419,23 +429,25 @@ async def test_a_hung_batch_and_a_close_fail_every_caller_waiting_for_it(anyio_b
     batcher = dedup_batcher(model, run_timeout_ms=100)
     async with anyio.create_task_group() as tg:
         await batcher.__aenter__()
-        calls = Calls(batcher, tg)
-        calls.start("hung", "h")
-        calls.start("hung-follower", "h")
-        await wait_until(lambda: batcher.stats().in_flight == 2)
-        calls.start("queued", "q")
-        calls.start("queued-follower", "q")
-        await wait_until(lambda: len(calls.errors) == 2)  # the hung batch's two callers
-        assert batcher.stats().pending == 2  # behind the only slot, blocked by the hung call
-        await batcher.aclose()  # nothing can run the queued computation: its callers fail
-        release.set()
-        await batcher.__aexit__(None, None, None)
+        try:
+            calls = Calls(batcher, tg)
+            calls.start("hung", "h")
+            calls.start("hung-follower", "h")
+            await wait_until(lambda: batcher.stats().in_flight == 2)
+            calls.start("queued", "q")
+            calls.start("queued-follower", "q")
+            await wait_until(lambda: len(calls.errors) == 2)  # the hung batch's two callers
+            assert batcher.stats().pending == 2  # behind the only slot, blocked by the hung call
+            await batcher.aclose()  # nothing can run the queued computation: its callers fail
+        finally:
+            release.set()
+            await batcher.__aexit__(None, None, None)
     assert set(calls.errors) == {"hung", "hung-follower", "queued", "queued-follower"}
     assert all(isinstance(e, batchkit.ModelTimeoutError) for e in calls.errors.values())
     assert len({id(e) for e in calls.errors.values()}) == 4
     stats = batcher.stats()
     assert (stats.failed, stats.deduplicated) == (4, 1)  # the queued follower's computation never ran
-    check_settled(stats)
+    settled(batcher, stats)
 
 
 # -- the cache ------------------------------------------------------------------------------------
@@ -450,7 +462,7 @@ async def test_cache_hits_and_misses(anyio_backend: str) -> None:
     assert model.seen == ["a", "b", "c"]
     assert (stats.cache_hits, stats.cache_misses, stats.completed, stats.batches) == (3, 3, 6, 3)
     assert stats.latency_ms.count == 6
-    check_settled(stats)
+    settled(batcher, stats)
 
 
 async def test_the_cache_keeps_the_most_recently_used_keys(anyio_backend: str) -> None:
@@ -499,12 +511,11 @@ async def test_failures_are_not_cached(anyio_backend: str) -> None:
 
 async def test_clear_cache_forgets_results_and_voids_computations_in_progress(anyio_backend: str) -> None:
     model = RecordingModel(doubled, gated=True)
-    async with dedup_batcher(model, cache_size=4) as batcher, anyio.create_task_group() as tg:
+    async with serving(model, cache_size=4) as (batcher, calls):
         model.gate.set()
         assert await batcher.predict("a") == "aa"
         model.gate.clear()
         model.entered.clear()
-        calls = Calls(batcher, tg)
         calls.start("running", "r")
         await wait_until(model.entered.is_set)
         batcher.clear_cache()  # "a" goes; "r", running now, may come from the model as it was
@@ -557,7 +568,7 @@ async def test_an_unhashable_or_failing_key_fails_that_caller_only(anyio_backend
     assert (results["fine"], results["also fine"]) == ("finefine", "also fine" * 2)
     assert sorted(model.seen) == ["also fine", "fine"]
     assert (stats.failed, stats.completed) == (2, 2)
-    check_settled(stats)
+    settled(batcher, stats)
 
 
 def test_options_are_checked() -> None:
@@ -597,8 +608,7 @@ async def test_options_reach_decorated_functions_and_methods(anyio_backend: str)
 
 async def test_callers_waiting_for_an_identical_one_count_against_max_queue_size(anyio_backend: str) -> None:
     model = RecordingModel(doubled, gated=True)
-    async with dedup_batcher(model, max_queue_size=3) as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(model, max_queue_size=3) as (batcher, calls):
         calls.start("blocker", "b")
         await wait_until(model.entered.is_set)
         for i in range(3):
@@ -609,7 +619,7 @@ async def test_callers_waiting_for_an_identical_one_count_against_max_queue_size
         model.gate.set()
     assert len(calls.results) == 4
     assert batcher.stats().rejected == 1
-    check_settled(batcher.stats())
+    settled(batcher)
 
 
 # -- other threads ---------------------------------------------------------------------------------
@@ -617,8 +627,7 @@ async def test_callers_waiting_for_an_identical_one_count_against_max_queue_size
 
 async def test_submit_threadsafe_callers_share_computations_and_the_cache(anyio_backend: str) -> None:
     model = RecordingModel(doubled, gated=True)
-    async with dedup_batcher(model, cache_size=4) as batcher, anyio.create_task_group() as tg:
-        calls = Calls(batcher, tg)
+    async with serving(model, cache_size=4) as (batcher, calls):
         calls.start("blocker", "b")
         await wait_until(model.entered.is_set)
         futures = await anyio.to_thread.run_sync(lambda: [batcher.submit_threadsafe("a") for _ in range(5)])
@@ -633,7 +642,7 @@ async def test_submit_threadsafe_callers_share_computations_and_the_cache(anyio_
     assert model.seen == ["b", "a"]
     stats = batcher.stats()
     assert (stats.cancelled, stats.deduplicated, stats.cache_hits) == (1, 3, 1)
-    check_settled(stats)
+    settled(batcher, stats)
 
 
 def test_sync_batcher_callers_share_computations() -> None:

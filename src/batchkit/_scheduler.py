@@ -775,7 +775,6 @@ class DedupScheduler(Scheduler):
             self._queue.push(follower, False)
             self.wake()
         elif carrier is None:  # no caller left: never sent
-            computation.item = None
             del self._computations[computation.key]
 
     # -- batches out -------------------------------------------------------------------
@@ -875,7 +874,6 @@ class DedupScheduler(Scheduler):
         """
         if self._computations.get(computation.key) is computation:
             del self._computations[computation.key]
-        computation.item = None
         failed = type(output) is Failed
         cache = self.cache
         if not failed and cache is not None and computation.generation == cache.generation:
