@@ -73,11 +73,12 @@ class Calls:
 @contextlib.asynccontextmanager
 async def serving(model: RecordingModel, **options: Any) -> AsyncIterator[tuple[batchkit.Batcher[Any, Any], Calls]]:
     """A batcher with ``dedup_key`` and a ``Calls`` on it; the model's gate opens on the way out, come what may."""
-    async with dedup_batcher(model, **options) as batcher, anyio.create_task_group() as tg:
-        try:
-            yield batcher, Calls(batcher, tg)
-        finally:
-            model.gate.set()
+    with anyio.fail_after(30):  # a caller left waiting fails the test, not hangs it
+        async with dedup_batcher(model, **options) as batcher, anyio.create_task_group() as tg:
+            try:
+                yield batcher, Calls(batcher, tg)
+            finally:
+                model.gate.set()
 
 
 def pending(batcher: batchkit.Batcher[Any, Any], n: int) -> Callable[[], bool]:
@@ -302,7 +303,8 @@ async def test_a_computation_whose_callers_all_left_is_never_sent(anyio_backend:
         model.gate.set()
         await wait_until(lambda: "blocker" in calls.results)
         assert model.seen == ["b"]
-        assert await batcher.predict("a") == "aa"  # a new computation, not a stale one
+        settled(batcher)  # no record of the computation is left
+        assert await batcher.predict("a") == "aa"  # a new computation
     assert model.seen == ["b", "a"]
     stats = batcher.stats()
     assert stats.cancelled == 2

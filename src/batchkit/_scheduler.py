@@ -677,7 +677,7 @@ class DedupScheduler(Scheduler):
                 counters.failed += 1
                 raise
             carrier = tightest(computation.carriers)
-            if computation.row is not None or carrier is None or tightness(joiner) >= tightness(carrier):
+            if computation.row is not None or (carrier is not None and tightness(joiner) >= tightness(carrier)):
                 counters.requests += 1
                 self._follow(computation, joiner)
                 if joiner.deadline < self._sleep_until:
