@@ -476,10 +476,14 @@ class Batcher(Generic[InT, OutT]):
         worker = self._worker
         if worker is None or not worker.backend.is_current():
             worker = self._start_for_call()
-        if self._dedup is not None:  # an identical request, or the cache, may answer this one
-            return await self._predict_shared(self._dedup, worker.backend, x, timeout_ms, priority)
         scheduler = self._scheduler
-        request = scheduler.submit(x, timeout_ms, priority)
+        if self._dedup is None:
+            request = scheduler.submit(x, timeout_ms, priority)
+        else:  # an identical request's computation, or the cache, may answer this one
+            shared, value = self._dedup.submit_shared(x, timeout_ms, priority)
+            if shared is None:
+                return value  # type: ignore[no-any-return]
+            request = shared
         try:
             return await worker.backend.wait(request)  # type: ignore[no-any-return]
         except BaseException:
@@ -488,19 +492,6 @@ class Batcher(Generic[InT, OutT]):
             raise
 
     __call__ = predict
-
-    async def _predict_shared(
-        self, scheduler: DedupScheduler, backend: Backend, x: InT, timeout_ms: float | None, priority: float
-    ) -> OutT:
-        request, value = scheduler.submit_shared(x, timeout_ms, priority)
-        if request is None:  # from the cache
-            return value  # type: ignore[no-any-return]
-        try:
-            return await backend.wait(request)  # type: ignore[no-any-return]
-        except BaseException:
-            scheduler.abandon(request)
-            request.waiter = None
-            raise
 
     async def stream(
         self, x: InT, *, timeout_ms: float | None = None, priority: float = 0

@@ -801,14 +801,18 @@ class DedupScheduler(Scheduler):
                 continue
             computation.row = request
             computation.item = None
-            del computation.carriers[request]
-            counters.in_flight += len(computation.followers)
-            self._queued_followers -= len(computation.followers)
-            for carrier in list(computation.carriers):
-                if carrier.state == QUEUED:  # queued still, maybe in another group: it follows now
-                    self._queue.forget(carrier)
-                    self._follow(computation, carrier)
-            computation.carriers.clear()  # those in this batch are found through self._of
+            carriers = computation.carriers
+            del carriers[request]
+            waiting = len(computation.followers)
+            if waiting:
+                counters.in_flight += waiting
+                self._queued_followers -= waiting
+            if carriers:
+                for carrier in list(carriers):
+                    if carrier.state == QUEUED:  # queued still, maybe in another group: it follows now
+                        self._queue.forget(carrier)
+                        self._follow(computation, carrier)
+                carriers.clear()  # those in this batch are found through self._of
         if repeated:
             sizes = counters.batch_sizes
             size = len(batch.requests)
@@ -838,11 +842,15 @@ class DedupScheduler(Scheduler):
     def answer(self, batch: Batch, outcome: Outcome) -> None:
         outputs = outcome.outputs
         if outputs is not None:  # (else fail_batch answers)
-            of = self._of
+            of, computations, cache = self._of, self._computations, self.cache
             for request, output in zip(batch.requests, outputs, strict=True):
                 computation = of.pop(request, None)
-                if computation is not None:
+                if computation is None:
+                    continue
+                if computation.followers or cache is not None:
                     self._settle(computation, output, first=request.state != RUNNING)
+                elif computations.get(computation.key) is computation:  # nobody else asked for it
+                    del computations[computation.key]
         super().answer(batch, outcome)
 
     def fail_batch(self, batch: Batch, error: BaseException) -> None:
