@@ -10,10 +10,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import re
+import subprocess
+import sys
 import threading
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -706,3 +710,20 @@ async def test_nothing_is_kept_once_callers_are_answered_but_the_cached_copies(a
         # The cache holds copies of its own: the callers' results went, these did not.
         assert [(await batcher.predict(Obj(v))).value for v in ("a", "b", "blocker")] == ["aa", "bb", "blocker" * 2]
         assert batcher.stats().cache_hits == 3
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_and_computes_fewer_rows_with_dedup_and_fewer_still_with_the_cache() -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "dedup.py"
+    args = ["--requests", "600", "--vocabulary", "100", "--clients", "16", "--rounds", "1"]
+    args += ["--fixed-ms", "0.2", "--row-ms", "0.02", "--cache-size", "200"]
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    distinct = int(re.search(r"\(Zipf s=1.1; (\d+) distinct\)", run.stdout).group(1))  # type: ignore[union-attr]
+    rows = {v: int(n.replace(",", "")) for v, n in re.findall(r"^\| ([\w +]+) \| ([\d,]+) \|", run.stdout, re.M)}
+    assert rows["no dedup"] == 600, run.stdout
+    assert distinct <= rows["dedup_key"] < 600, run.stdout  # each distinct input at least once, repeats shared
+    assert rows["dedup_key + cache"] == distinct, run.stdout  # a cache larger than the vocabulary: once each

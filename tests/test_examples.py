@@ -93,3 +93,15 @@ def test_generator_stream_example(backend: str) -> None:
     out = run_example("generator_stream.py", backend)
     assert "countdown 1: [1]\ncountdown 3: [3, 2, 1]\ncountdown 5: [5, 4, 3, 2, 1]\n" in out, out
     assert "5 streams, 0 failed" in out, out
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_repeated_inputs_example(backend: str) -> None:
+    out = run_example("repeated_inputs.py", backend)
+    assert "121 requests, 3 rows computed" in out, out  # three distinct queries, each computed once
+    counts = re.search(r"deduplicated (\d+), cache hits (\d+), cache misses (\d+)", out)
+    assert counts, out
+    deduplicated, hits, misses = map(int, counts.groups())
+    assert deduplicated + hits == 121 - 3, out  # every other request was answered without the model
+    assert hits >= 1, out  # "WEATHER", asked after the rest were answered
+    assert hits + misses == 121, out
