@@ -403,7 +403,9 @@ class Batcher(Generic[InT, OutT]):
         ``timeout_ms=None`` to remove the default deadline (it applies to new
         requests only). On a method's batcher (the class attribute), it applies
         to every instance's batcher, present and future. Either every option is
-        applied or, if one is invalid, none (the error is raised here). Safe
+        applied or, if one is invalid, none (the error is raised here). The
+        result cache (``cache_size``) is kept: none of these options changes
+        what the model returns. Safe
         from any thread: from outside the batcher's loop, the options are
         checked at once and applied on the loop.
         """
