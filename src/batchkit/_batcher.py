@@ -721,12 +721,22 @@ class Batcher(Generic[InT, OutT]):
     def clear_cache(self) -> None:
         """Forget every cached result (see ``cache_size``); nothing to do without a cache.
 
-        Results of computations already queued or running when it is called are
-        not cached either (they may come from the model as it was). Requests
-        that already joined them still get them. Safe from any thread.
+        Results of computations already queued or running when it applies are
+        not cached either (they may come from the model as it was); callers
+        that joined them still get them. Safe from any thread: from outside
+        the batcher's loop it applies on the loop, before any request sent
+        after it from that thread.
         """
-        if self._dedup is not None:
-            self._dedup.clear_cache()
+        dedup = self._dedup
+        if dedup is not None:
+            worker = self._worker
+            if worker is not None and not worker.backend.is_current():
+                try:
+                    worker.inbox.post(dedup.clear_cache)  # in order with this thread's requests
+                except RuntimeError:  # the worker or its loop is gone
+                    dedup.clear_cache()
+            else:
+                dedup.clear_cache()
         for instance in list(self._instances):
             instance.clear_cache()
 

@@ -139,8 +139,7 @@ class ResultCache:
     """The results of the last ``size`` keys computed, least recently used first out.
 
     ``clear()`` empties it and starts a new *generation*: a computation begun
-    before a clear does not fill it. Each method is one C-level dict call, so a
-    ``clear()`` from another thread is safe.
+    before a clear does not fill it. Used on the event loop only.
     """
 
     __slots__ = ("_entries", "generation", "size")

@@ -940,7 +940,7 @@ class DedupScheduler(Scheduler):
     # -- the cache, introspection ------------------------------------------------------
 
     def clear_cache(self) -> None:
-        """Empty the cache; computations already begun do not fill it (safe from any thread)."""
+        """Empty the cache; computations already begun do not fill it (on the loop)."""
         if self.cache is not None:
             self.cache.clear()
 
