@@ -16,6 +16,10 @@ change of a request's state:
 A request is answered exactly once, by whichever transition takes it out of
 ``QUEUED``/``RUNNING`` first; every later one sees its state and does nothing.
 Everything here runs on the event loop thread, so nothing needs a lock.
+
+``DedupScheduler`` (at the end) is the scheduler of a batcher with
+``dedup_key``: a request may also be ``FOLLOWING`` an identical one's
+computation, never queued or sent, and answered with a copy of its answer.
 """
 
 from __future__ import annotations
