@@ -76,6 +76,20 @@ async def batchkit_async() -> None:
         await _send_all(batcher.predict)
 
 
+async def batchkit_dedup() -> None:
+    """batchkit with ``dedup_key`` and every input distinct: what sharing costs when nothing repeats."""
+    batcher: batchkit.Batcher[int, int] = batchkit.Batcher(
+        identity,
+        collate=None,
+        max_batch_size=SETTING.batch_size,
+        max_wait_ms=SETTING.wait_ms,
+        max_queue_size=REQUESTS,
+        dedup_key=int,
+    )
+    async with batcher:
+        await _send_all(batcher.predict)
+
+
 async def floor() -> None:
     """The minimal queue-and-futures batcher, batch function in an executor thread."""
     batcher = FloorBatcher(identity, max_batch_size=SETTING.batch_size, max_wait_ms=SETTING.fixed_wait_ms)
@@ -104,6 +118,7 @@ ROUNDS: dict[str, Round] = {
     "batchkit": batchkit_sync,
     "batchkit-timeout": batchkit_timeout,
     "batchkit-async-fn": batchkit_async,
+    "batchkit-dedup": batchkit_dedup,
     "floor": floor,
     "ray-serve": ray_serve,
     "batched": batched,

@@ -4,14 +4,16 @@ Run: ``python examples/several_models.py [asyncio|trio]``. Three numpy models
 (built in code) share one ``SharedExecutor``, so that only one batch runs at a
 time:
 
-* an embedder (light) that many requests call,
+* an embedder (light) that many requests call, often with the same text:
+  ``dedup_key`` computes each distinct input once, ``cache_size`` keeps the
+  results for the repeats that come later,
 * a reranker (heavy, given twice the embedder's share of device time),
 * a classifier with one adapter per customer: ``batch_key`` keeps customers out
   of each other's batches, and the model reads its batch's customer with
   ``batchkit.current_batch_key()``.
 
-It prints what each model served, the most batches that ever ran at once, and
-how the device time was shared.
+It prints what each model served, the rows the embedder computed, the most
+batches that ever ran at once, and how the device time was shared.
 """
 
 from __future__ import annotations
@@ -59,8 +61,13 @@ def counted(model: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return run
 
 
+embedded_rows = 0
+
+
 @counted
 def embed(batch: np.ndarray) -> np.ndarray:
+    global embedded_rows
+    embedded_rows += len(batch)
     return np.tanh(batch @ EMBED)
 
 
@@ -81,7 +88,14 @@ def classify(batch: list[dict[str, Any]]) -> list[int]:
 
 async def main() -> None:
     device = batchkit.SharedExecutor(max_concurrent_batches=1)
-    embedder = batchkit.Batcher(embed, max_batch_size=32, executor=device, name="embedder")
+    embedder = batchkit.Batcher(
+        embed,
+        max_batch_size=32,
+        executor=device,
+        dedup_key=lambda x: x.tobytes(),  # equal arrays: one computation, a copy each
+        cache_size=256,
+        name="embedder",
+    )
     reranker = batchkit.Batcher(rerank, max_batch_size=16, executor=device, weight=2, name="reranker")
     classifier = batchkit.Batcher(
         classify,
@@ -93,11 +107,12 @@ async def main() -> None:
     )
     customers = list(ADAPTERS)
     inputs = np.random.default_rng(1).standard_normal((300, 64)).astype(np.float32)
+    queries = inputs[np.random.default_rng(2).integers(0, 40, size=300)]  # 40 distinct texts, repeated
 
     async with embedder, reranker, classifier:
         async with anyio.create_task_group() as tg:
             for i, x in enumerate(inputs):
-                tg.start_soon(embedder.predict, x)
+                tg.start_soon(embedder.predict, queries[i])
                 tg.start_soon(reranker.predict, x)
                 tg.start_soon(classifier.predict, {"customer": customers[i % 3], "features": x})
         shares = device.stats().device_seconds  # (its stats cover the batchers still open)
@@ -105,6 +120,8 @@ async def main() -> None:
     for batcher in (embedder, reranker, classifier):
         stats = batcher.stats()
         print(f"{batcher.name}: {stats.completed} requests in {stats.batches} batches")
+    distinct = len({q.tobytes() for q in queries})
+    print(f"embedder rows computed: {embedded_rows} for {distinct} distinct inputs")
     print(f"most batches running at once: {most_at_once}")
     mixed = sum(1 for customers_seen in adapter_batches if len(customers_seen) > 1)
     print(f"classifier batches mixing customers: {mixed}")

@@ -103,6 +103,9 @@ def test_several_models_example(backend: str) -> None:
     for requests, batches in served.values():
         assert requests == 300
         assert batches < requests, out
+    rows = re.search(r"embedder rows computed: (\d+) for (\d+) distinct inputs", out)
+    assert rows, out
+    assert rows.group(1) == rows.group(2), out  # dedup_key and the cache: each distinct input computed once
     assert "most batches running at once: 1\n" in out, out  # one SharedExecutor turn
     assert "classifier batches mixing customers: 0\n" in out, out
     shares = re.search(r"device time: (.*)", out)
@@ -131,3 +134,15 @@ def test_small_batches_example(backend: str) -> None:
     assert re.fullmatch(r"\d+ timer \([\d.]+ each\)", wait[1]), out
     assert no_wait[2] == wait[2] == "arrivals", out
     assert wait[0] > no_wait[0], out  # waiting longer makes the batches larger
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_repeated_inputs_example(backend: str) -> None:
+    out = run_example("repeated_inputs.py", backend)
+    assert "121 requests, 3 rows computed" in out, out  # three distinct queries, each computed once
+    counts = re.search(r"deduplicated (\d+), cache hits (\d+), cache misses (\d+)", out)
+    assert counts, out
+    deduplicated, hits, misses = map(int, counts.groups())
+    assert deduplicated + hits == 121 - 3, out  # every other request was answered without the model
+    assert hits >= 1, out  # "WEATHER", asked after the rest were answered
+    assert hits + misses == 121, out

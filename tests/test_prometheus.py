@@ -61,7 +61,7 @@ async def test_scrape_matches_stats(anyio_backend: str) -> None:
     assert value(samples, "batchkit_completed_total", batcher="toy") == stats.completed == 10
     assert value(samples, "batchkit_failed_total", batcher="toy") == stats.failed == 1
     assert value(samples, "batchkit_batches_total", batcher="toy") == stats.batches
-    for counter in ("rejected", "timed_out", "cancelled", "oom_splits", "hung_batches"):
+    for counter in ("rejected", "timed_out", "cancelled", "oom_splits", "hung_batches", "cache_hits", "deduplicated"):
         assert value(samples, f"batchkit_{counter}_total", batcher="toy") == 0
     assert value(samples, "batchkit_pending_requests", batcher="toy") == 0
     assert value(samples, "batchkit_in_flight_requests", batcher="toy") == 0
@@ -79,6 +79,23 @@ async def test_scrape_matches_stats(anyio_backend: str) -> None:
         assert got == pytest.approx(getattr(stats.latency_ms, attribute) / 1000)
     assert value(samples, "batchkit_run_time_seconds", batcher="toy", quantile="1") > 0
     assert ("batchkit_queue_wait_seconds", (("batcher", "toy"), ("quantile", "0.9"))) in samples
+
+
+async def test_scrape_reports_dedup_and_the_cache(anyio_backend: str) -> None:
+    registry = CollectorRegistry()
+    options = {"collate": None, "max_wait_ms": 5, "dedup_key": str, "cache_size": 4, "name": "shared"}
+    async with batchkit.Batcher(lambda batch: batch, **options) as batcher:
+        register(batcher, registry)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(5):
+                    tg.start_soon(batcher.predict, "x")  # one computation, four callers sharing it
+            await batcher.predict("x")  # from the cache
+        stats = batcher.stats()
+        samples = scrape(registry)
+    assert value(samples, "batchkit_deduplicated_total", batcher="shared") == stats.deduplicated == 4
+    assert value(samples, "batchkit_cache_hits_total", batcher="shared") == stats.cache_hits == 1
+    assert value(samples, "batchkit_cache_misses_total", batcher="shared") == stats.cache_misses == 5
 
 
 def test_several_batchers_share_one_registry() -> None:

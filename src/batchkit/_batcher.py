@@ -39,7 +39,7 @@ from ._execute import Executor
 from ._extras import require
 from ._padding import PadSequences
 from ._runner import Replicas
-from ._scheduler import Scheduler
+from ._scheduler import DedupScheduler, Scheduler
 from ._settings import DEFAULT_MAX_QUEUE_SIZE, BatcherOptions, ModuleBatcherOptions, Settings
 from ._shared import SharedExecutor
 from ._stats import BatcherStats
@@ -185,6 +185,15 @@ class Batcher(Generic[InT, OutT]):
         weight: this batcher's share of the shared executor's time, relative
             to the other batchers' (2: twice the device time when both are
             saturated).
+        dedup_key: ``input -> hashable key``: requests with equal keys that
+            are queued or running at the same time are computed once, and each
+            caller gets its own copy of the result (or of the error). A caller
+            that joins another's computation is never queued; it keeps its own
+            deadline and may cancel without affecting the others.
+        cache_size: with ``dedup_key``, keep the results of this many keys
+            (least recently used out first): a request whose key is cached is
+            answered at once, with its own copy (``stats().cache_hits``).
+            ``clear_cache()`` empties it (after the model changed, say).
         stream_buffer: for a generator ``fn``, the items buffered for one
             ``stream()`` reader; one that falls that far behind is cut off with
             ``StreamBufferFullError`` (the other rows never wait for it).
@@ -227,6 +236,8 @@ class Batcher(Generic[InT, OutT]):
         batch_key: Callable[[Any], Hashable] | None = None,
         executor: SharedExecutor | None = None,
         weight: float = 1.0,
+        dedup_key: Callable[[Any], Hashable] | None = None,
+        cache_size: int = 0,
         name: str | None = None,
     ) -> None:
         if not callable(fn):
@@ -255,8 +266,10 @@ class Batcher(Generic[InT, OutT]):
             "batch_key": batch_key,
             "executor": executor,
             "weight": weight,
+            "dedup_key": dedup_key,
+            "cache_size": cache_size,
         }
-        settings = Settings.build(is_async=self._is_async, **options)
+        settings = Settings.build(is_async=self._is_async, streams=self._streams, **options)
         collator = make_collator(collate)
         self._options: dict[str, Any] = {**options, "collate": collate}  # for the batchers of instances
         self._fn = fn
@@ -266,9 +279,11 @@ class Batcher(Generic[InT, OutT]):
             self._slot_fns = [fn] * settings.slots
         self._name = name or getattr(fn, "__qualname__", None) or type(fn).__qualname__
         self._executor = Executor(collator, isolate=on_error == "isolate", allowed_sizes=settings.allowed_batch_sizes)
-        self._scheduler = Scheduler(
+        scheduler_type = Scheduler if dedup_key is None else DedupScheduler
+        self._scheduler = scheduler_type(
             settings, collator.key, padded_cost=isinstance(collator, PadSequences), name=self._name
         )
+        self._dedup = self._scheduler if isinstance(self._scheduler, DedupScheduler) else None
         self._worker: BoundWorker | None = None
         self._entries: list[tuple[int, anyio.abc.TaskGroup | None]] = []  # `async with` blocks: (task, group)
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -404,7 +419,9 @@ class Batcher(Generic[InT, OutT]):
         ``timeout_ms=None`` to remove the default deadline (it applies to new
         requests only). On a method's batcher (the class attribute), it applies
         to every instance's batcher, present and future. Either every option is
-        applied or, if one is invalid, none (the error is raised here). Safe
+        applied or, if one is invalid, none (the error is raised here). The
+        result cache (``cache_size``) is kept: none of these options changes
+        what the model returns. Safe
         from any thread: from outside the batcher's loop, the options are
         checked at once and applied on the loop.
         """
@@ -478,7 +495,13 @@ class Batcher(Generic[InT, OutT]):
         if worker is None or not worker.backend.is_current():
             worker = self._start_for_call()
         scheduler = self._scheduler
-        request = scheduler.submit(x, timeout_ms, priority)
+        if self._dedup is None:
+            request = scheduler.submit(x, timeout_ms, priority)
+        else:  # an identical request's computation, or the cache, may answer this one
+            shared, value = self._dedup.submit_shared(x, timeout_ms, priority)
+            if shared is None:
+                return value  # type: ignore[no-any-return]
+            request = shared
         try:
             return await worker.backend.wait(request)  # type: ignore[no-any-return]
         except BaseException:
@@ -718,6 +741,28 @@ class Batcher(Generic[InT, OutT]):
         await worker.done.wait()
 
     # -- introspection ------------------------------------------------------------
+
+    def clear_cache(self) -> None:
+        """Forget every cached result (see ``cache_size``); nothing to do without a cache.
+
+        Results of computations already queued or running when it applies are
+        not cached either (they may come from the model as it was); callers
+        that joined them still get them. Safe from any thread: from outside
+        the batcher's loop it applies on the loop, before any request sent
+        after it from that thread.
+        """
+        dedup = self._dedup
+        if dedup is not None:
+            worker = self._worker
+            if worker is not None and not worker.backend.is_current():
+                try:
+                    worker.inbox.post(dedup.clear_cache)  # in order with this thread's requests
+                except RuntimeError:  # the worker or its loop is gone
+                    dedup.clear_cache()
+            else:
+                dedup.clear_cache()
+        for instance in list(self._instances):
+            instance.clear_cache()
 
     def stats(self) -> BatcherStats:
         """A snapshot of the counters (see ``BatcherStats``).

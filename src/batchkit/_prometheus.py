@@ -21,6 +21,9 @@ name                                   type       meaning
 ``batchkit_flushes_total``             counter    batches by ``reason`` they left (full, cap, cost,
                                                   timer, idle, deadline, drain, step)
 ``batchkit_flushed_requests_total``    counter    requests in those batches, by ``reason``
+``batchkit_cache_hits_total``          counter    answered from the result cache (``cache_size``)
+``batchkit_cache_misses_total``        counter    looked up in the result cache, not found
+``batchkit_deduplicated_total``        counter    answered by an identical request's computation
 ``batchkit_pending_requests``          gauge      queued now
 ``batchkit_in_flight_requests``        gauge      in a running batch now
 ``batchkit_batch_size_limit``          gauge      largest batch formed now
@@ -72,6 +75,9 @@ _COUNTERS = (
     ("batches", "Batches sent to the model"),
     ("oom_splits", "Times a batch was halved because the model ran out of memory"),
     ("hung_batches", "Batches that ran past run_timeout_ms and were abandoned"),
+    ("cache_hits", "Requests answered from the result cache"),
+    ("cache_misses", "Requests whose dedup_key the result cache did not hold"),
+    ("deduplicated", "Requests answered by an identical request's computation instead of their own"),
 )
 _GAUGES = (
     ("pending_requests", "pending", "Requests queued now"),

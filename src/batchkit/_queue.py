@@ -35,15 +35,19 @@ from collections import deque
 from collections.abc import Hashable, Iterator
 from typing import Any
 
-__all__ = ["CANCELLED", "DONE", "QUEUED", "RUNNING", "TIMED_OUT", "Request", "RequestQueue"]
+__all__ = ["CANCELLED", "DONE", "FOLLOWING", "QUEUED", "RUNNING", "TIMED_OUT", "Request", "RequestQueue"]
 
 # Request.state moves forward only: QUEUED -> RUNNING -> DONE, or to CANCELLED /
 # TIMED_OUT from either of the first two. The scheduler makes every change.
+# With dedup_key a request may also be FOLLOWING an identical one's computation
+# (never queued, never sent); it is QUEUED from there only when it takes over a
+# computation whose queued requests all left (see DedupScheduler).
 QUEUED = 0
 RUNNING = 1
 DONE = 2
 CANCELLED = 3
 TIMED_OUT = 4
+FOLLOWING = 5
 
 _sequence = itertools.count()
 _COMPACT_MIN = 64  # dead entries a group may hold before it is compacted, whatever its size

@@ -41,6 +41,8 @@ class ModuleBatcherOptions(TypedDict, total=False):
     batch_key: Callable[[Any], Hashable] | None
     executor: SharedExecutor | None
     weight: float
+    dedup_key: Callable[[Any], Hashable] | None
+    cache_size: int
     priority_aging_ms: float
     stream_buffer: int
     replace_hung: bool
@@ -72,6 +74,14 @@ def _positive_int(name: str, value: object) -> int:
         raise TypeError(f"{name} must be an int{also}, got {type(value).__qualname__}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__qualname__}")
+    if value < 0:
+        raise ValueError(f"{name} must be at least 0, got {value}")
     return value
 
 
@@ -125,6 +135,11 @@ class Settings:
         """Places a batch can run: threads of a synchronous model, or batches in flight of an async one."""
         return max(self.replicas, self.max_concurrent_batches)  # the other one is 1
 
+    dedup_key: Callable[[Any], Hashable] | None = None
+    """Requests with equal keys queued or running at the same time are computed once."""
+    cache_size: int = 0
+    """Results kept for this many dedup keys (0: no cache)."""
+
     @classmethod
     def build(
         cls,
@@ -148,8 +163,14 @@ class Settings:
         batch_key: Callable[[Any], Hashable] | None = None,
         executor: SharedExecutor | None = None,
         weight: float = 1.0,
+        dedup_key: Callable[[Any], Hashable] | None = None,
+        cache_size: int = 0,
+        streams: bool = False,
     ) -> Settings:
-        """Check every option (raising ``TypeError``/``ValueError`` naming the bad one)."""
+        """Check every option (raising ``TypeError``/``ValueError`` naming the bad one).
+
+        ``streams``: the model is a generator (one item per request per step).
+        """
         if batch_cost is not None and not callable(batch_cost):
             raise TypeError("batch_cost must be a callable: input -> cost")
         if batch_key is not None and not callable(batch_key):
@@ -162,6 +183,15 @@ class Settings:
             raise ValueError(f"weight must be between 0.001 and 1000, got {weight}")
         if weight != 1.0 and executor is None:
             raise ValueError("weight is a share of a shared executor: give executor= too")
+        if dedup_key is not None and not callable(dedup_key):
+            raise TypeError("dedup_key must be a callable: input -> hashable key")
+        if _count("cache_size", cache_size) and dedup_key is None:
+            raise ValueError("cache_size needs a dedup_key: the cache is keyed by it")
+        if streams and dedup_key is not None:
+            raise ValueError(
+                "dedup_key (and cache_size) are for models that return one output per input; "
+                "a generator fn streams items, which are not shared between callers"
+            )
         if (batch_cost is None) != (max_batch_cost is None):
             raise ValueError("batch_cost and max_batch_cost go together")
         if on_error not in ("raise", "isolate"):
@@ -206,6 +236,8 @@ class Settings:
             executor=executor,
             weight=float(weight),
             auto_concurrency=auto,
+            dedup_key=dedup_key,
+            cache_size=cache_size,
         )
         return base.replace(
             max_batch_size=max_batch_size,

@@ -181,6 +181,13 @@ class BatcherStats:
     or ``"none"`` (nothing ran). The rule is in docs/tuning.md ("My batches are small")."""
     limited_by_detail: str = ""
     """One sentence with the numbers behind ``limited_by``."""
+    cache_hits: int = 0
+    """(``cache_size``) Requests answered from the result cache, without queueing (also ``completed``)."""
+    cache_misses: int = 0
+    """(``cache_size``) Requests whose ``dedup_key`` the cache did not hold."""
+    deduplicated: int = 0
+    """(``dedup_key``) Requests answered by an identical request's computation instead of their own
+    (with its result or its error; also counted in ``completed`` or ``failed``)."""
 
     @property
     def mean_batch_size(self) -> float:
@@ -208,8 +215,11 @@ class Counters:
     __slots__ = (
         "batch_sizes",
         "batches",
+        "cache_hits",
+        "cache_misses",
         "cancelled",
         "completed",
+        "deduplicated",
         "failed",
         "flushed_rows",
         "flushes",
@@ -229,6 +239,7 @@ class Counters:
     def __init__(self) -> None:
         self.requests = self.batches = self.completed = self.failed = self.rejected = 0
         self.timed_out = self.cancelled = self.in_flight = self.oom_splits = self.hung = 0
+        self.cache_hits = self.cache_misses = self.deduplicated = 0
         self.batch_sizes: dict[int, int] = {}
         self.queue_wait = Histogram()
         self.run_time = Histogram()
@@ -319,4 +330,7 @@ class Counters:
             busy_fraction=recent.busy_fraction(slots),
             limited_by=limit,
             limited_by_detail=detail,
+            cache_hits=self.cache_hits,
+            cache_misses=self.cache_misses,
+            deduplicated=self.deduplicated,
         )

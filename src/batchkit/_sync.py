@@ -162,6 +162,10 @@ class SyncBatcher(Generic[InT, OutT]):
         """``Batcher.configure``, from any thread: checked here, applied on the batcher's loop."""
         self._batcher.configure(**options)
 
+    def clear_cache(self) -> None:
+        """``Batcher.clear_cache``: forget every cached result; from any thread."""
+        self._batcher.clear_cache()
+
     # -- the hot path -------------------------------------------------------------
 
     def predict(self, x: InT, *, timeout_ms: float | None = None, priority: float = 0) -> OutT:
