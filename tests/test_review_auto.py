@@ -182,3 +182,29 @@ async def test_flush_counts_add_up_when_read_from_another_thread() -> None:
         done.set()
         reader.join()
     assert not inconsistent, inconsistent[:5]
+
+
+@pytest.mark.anyio
+async def test_one_slow_batch_does_not_fail_every_later_request_with_a_deadline() -> None:
+    """A cost estimate that says "too slow" must be checked again: else no batch runs to correct it."""
+    calls = 0
+
+    def model(batch: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            time.sleep(0.1)  # a cold start
+        return batch
+
+    answered = 0
+    async with batchkit.Batcher(model, collate=None, max_wait_ms=1) as batcher:
+        with anyio.fail_after(30):
+            assert await batcher.predict(0) == 0
+            for x in range(1, 51):
+                try:
+                    assert await batcher.predict(x, timeout_ms=50) == x
+                    answered += 1
+                except batchkit.RequestTimeoutError:
+                    pass
+    assert calls > 1
+    assert answered >= 40, answered
