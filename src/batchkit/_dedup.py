@@ -46,28 +46,37 @@ _sequence = itertools.count()
 def detached(value: Any) -> Any:
     """A copy of ``value`` that shares nothing mutable with it.
 
-    numpy arrays are ``copy()``-ed, torch tensors ``clone()``-d, immutable
-    scalars, strings and bytes are returned as they are, tuples, lists and dicts
-    are copied item by item, anything else goes through ``copy.deepcopy`` (whose
-    error, for an object that cannot be copied, is raised).
+    numpy arrays of numbers are ``copy()``-ed, torch tensors ``clone()``-d,
+    immutable scalars, strings and bytes are returned as they are, tuples, lists
+    and dicts are copied item by item; anything else (numpy arrays of objects,
+    rows of structured arrays, other objects, a structure that refers to itself)
+    goes through ``copy.deepcopy``, whose error, for an object that cannot be
+    copied, is raised.
     """
+    try:
+        return _detached(value)
+    except RecursionError:  # a structure with a cycle (or very deep): deepcopy keeps a memo
+        return copy.deepcopy(value)
+
+
+def _detached(value: Any) -> Any:
     kind = type(value)
-    if kind in _ATOMS or isinstance(value, np.generic):
+    if kind in _ATOMS or (isinstance(value, np.generic) and kind is not np.void):
         return value
-    if kind is np.ndarray:
+    if kind is np.ndarray and not value.dtype.hasobject:
         return value.copy()
     if kind is tuple:
-        return tuple(detached(item) for item in value)
+        return tuple(_detached(item) for item in value)
     if kind is list:
-        return [detached(item) for item in value]
+        return [_detached(item) for item in value]
     if kind is dict:
-        return {key: detached(item) for key, item in value.items()}
+        return {key: _detached(item) for key, item in value.items()}
     torch = sys.modules.get("torch")  # a tensor exists only if its program imported torch
     if torch is not None and isinstance(value, torch.Tensor):
         return value.clone()
-    if isinstance(value, np.ndarray):  # a subclass keeps its type through copy()
+    if isinstance(value, np.ndarray) and not value.dtype.hasobject:  # a subclass keeps its type through copy()
         return value.copy()
-    return copy.deepcopy(value)
+    return copy.deepcopy(value)  # np.void rows are views; object arrays hold mutable objects
 
 
 def tightness(request: Request) -> tuple[float, float]:

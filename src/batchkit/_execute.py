@@ -325,20 +325,33 @@ def _settled(error: BaseException, depth: int = 0) -> BaseException:
 
 
 def copies(error: BaseException, n: int) -> list[BaseException]:
-    """One exception object per caller, so that tracebacks do not pile up on one."""
-    errors = [error]
-    for _ in range(n - 1):
+    """One exception object per caller, so that tracebacks (and attributes) do not pile up on one."""
+    return [error] + [_twin(error) for _ in range(n - 1)]
+
+
+def _twin(error: BaseException) -> BaseException:
+    """A copy of ``error``: its class, ``args``, its attributes (deep-copied where they can be), its chain.
+
+    Made without calling ``__init__``, whose signature ``copy.copy`` would have
+    to guess from ``args`` (it fails for ``__init__(self, message, code)``).
+    """
+    kind = type(error)
+    try:
+        twin = kind.__new__(kind, *error.args)
+        twin.args = error.args
+    except Exception:
+        return error  # an exception class that cannot be made this way: share it
+    attributes = getattr(error, "__dict__", None)
+    if attributes:
         try:
-            twin = copy.copy(error)
+            twin.__dict__.update(copy.deepcopy(attributes))
         except Exception:
-            twin = error
-        if twin is not error:
-            twin.__cause__ = error.__cause__
-            twin.__context__ = error.__context__
-            twin.__suppress_context__ = error.__suppress_context__
-            twin.__traceback__ = error.__traceback__
-        errors.append(twin)
-    return errors
+            twin.__dict__.update(attributes)
+    twin.__cause__ = error.__cause__
+    twin.__context__ = error.__context__
+    twin.__suppress_context__ = error.__suppress_context__
+    twin.__traceback__ = error.__traceback__
+    return twin
 
 
 def answerable(error: BaseException) -> BaseException:

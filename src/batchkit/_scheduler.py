@@ -682,8 +682,17 @@ class DedupScheduler(Scheduler):
             counters.failed += 1
             raise
         cache = self.cache
+        try:  # a key's == runs on a hash collision: it may raise (a key holding a numpy array, say)
+            value = MISSING if cache is None else self._cached(cache, key)
+            computation = self._computations.get(key)
+        except Exception as error:
+            counters.requests += 1
+            counters.failed += 1
+            raise InvalidInputError(
+                f"dedup_key returned a key that cannot be compared with another of equal hash "
+                f"({type(error).__name__}: {error}); return a tuple, bytes or another plain value"
+            ) from error
         if cache is not None:
-            value = self._cached(cache, key)
             if value is not MISSING:
                 counters.requests += 1
                 counters.completed += 1
@@ -699,7 +708,13 @@ class DedupScheduler(Scheduler):
                     f"(max_queue_size={self.settings.max_queue_size})"
                 )
             )
-        computation = self._computations.get(key)
+        if (
+            computation is not None
+            and computation.row is not None
+            and cache is not None
+            and computation.generation != cache.generation
+        ):
+            computation = None  # it runs with what clear_cache() meant to forget: start afresh
         if computation is not None:
             try:
                 joiner = self._special(x, computation.group, now, timeout_ms, priority)
@@ -805,7 +820,7 @@ class DedupScheduler(Scheduler):
                 self._oldest_queued = follower.enqueued_at
             self._queue.push(follower, False)
             self.wake()
-        elif carrier is None:  # no caller left: never sent
+        elif carrier is None and self._computations.get(computation.key) is computation:  # no caller left
             del self._computations[computation.key]
 
     # -- batches out -------------------------------------------------------------------
