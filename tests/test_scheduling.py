@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 
 import batchkit
-from batchkit._policy import AdaptiveWait, ArrivalRate, CostModel
-from batchkit._queue import Request
 from tests.conftest import RecordingModel
 from tests.test_batching import gather, wait_until
 from tests.test_failures import check_invariant
@@ -205,59 +203,3 @@ async def test_auto_wait_still_batches_under_load() -> None:
     assert results == list(range(400))
     assert stats.mean_batch_size > 4
     assert batcher.max_wait_ms == "auto"
-
-
-def fake_request(at: float) -> Request:
-    return Request(None, None, at, None, at)
-
-
-def test_cost_model_recovers_a_linear_cost() -> None:
-    model = CostModel()
-    for size in [1, 4, 16, 64, 8, 32] * 5:
-        model.observe(size, 0.010 + 0.001 * size)
-    a, b = model.coefficients()
-    assert a == pytest.approx(0.010, rel=1e-6)
-    assert b == pytest.approx(0.001, rel=1e-6)
-    assert model.expected(10) == pytest.approx(0.020)
-    same = CostModel()
-    for _ in range(5):
-        same.observe(8, 0.02)
-    assert same.coefficients() == (0.0, pytest.approx(0.0025))  # no evidence of a fixed cost: none assumed
-    noisy = CostModel()
-    for size, seconds in [(1, 0.001), (2, 0.030), (1, 0.001), (2, 0.030)]:
-        noisy.observe(size, seconds)
-    assert noisy.coefficients()[0] <= 0.001  # a fixed cost above the fastest batch is not believed
-
-
-def test_adaptive_wait_decisions() -> None:
-    cost = CostModel()
-    for size in [1, 8, 32] * 3:
-        cost.observe(size, 0.010 + 0.0001 * size)  # a = 10 ms, b = 0.1 ms
-    arrivals = ArrivalRate()
-    policy = AdaptiveWait(cost, arrivals, max_latency=None)
-
-    arrivals.rate = 50.0  # one request per 20 ms: fewer than one per fixed cost
-    assert policy.wait_for(size=1, limit=64) == 0.0
-
-    arrivals.rate = 2000.0  # 20 per fixed cost: B* = 2000*0.01 / (1 - 0.2) = 25
-    assert policy.target_size(64) == pytest.approx(25.0)
-    wait = policy.wait_for(size=5, limit=64)
-    assert 0 < wait <= 0.010  # never longer than one fixed cost
-    assert wait == pytest.approx(min(0.010, 20 / 2000))
-    assert policy.wait_for(size=25, limit=64) == 0.0
-    assert policy.flush_at(fake_request(1.0), 5, 64) == pytest.approx(1.0 + wait)
-
-    arrivals.rate = 20_000.0  # overloaded: lambda*b >= 1, fill up to the limit
-    assert policy.target_size(64) == 64
-
-    arrivals.rate = 2000.0
-    budgeted = AdaptiveWait(cost, arrivals, max_latency=0.015)  # 15 ms budget, a batch of 25 takes 12.5
-    assert budgeted.wait_for(size=5, limit=64) == pytest.approx(0.0025)
-    assert AdaptiveWait(cost, arrivals, max_latency=0.005).wait_for(size=5, limit=64) == 0.0
-
-
-def test_arrival_rate_tracks_a_steady_stream() -> None:
-    rate = ArrivalRate(horizon=0.05)
-    for step in range(1, 200):
-        rate.observe(step * 10, step * 0.01)  # 10 requests every 10 ms
-    assert rate.rate == pytest.approx(1000.0, rel=0.01)

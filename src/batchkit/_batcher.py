@@ -134,11 +134,15 @@ class Batcher(Generic[InT, OutT]):
         max_batch_size: the largest batch ``fn`` is given.
         max_wait_ms: the longest the oldest queued request waits for batch-mates
             before its batch is sent anyway. ``0`` sends whatever is queued as
-            soon as the worker is free. ``"auto"`` learns the model's cost per
-            batch and the arrival rate, and waits only while that pays off.
+            soon as the worker is free. ``"auto"`` sends a batch as soon as a
+            slot is free, and with several slots spaces batches by the learned
+            run time over the slots (see docs/scheduling.md).
         max_queue_size: queued requests beyond this are refused at once with
             ``QueueFullError``, bounding memory under overload.
         timeout_ms: default deadline of each ``predict`` call (``None``: none).
+            A request that cannot make its deadline fails with
+            ``RequestTimeoutError`` as early as that is known: at once when the
+            work queued ahead of it says so, or when its batch forms.
         collate: how inputs become a batch. ``"auto"`` stacks numpy arrays or
             torch tensors of equal shape and dtype on a new first axis (numbers
             become a 1-D array) and splits outputs along that axis; inputs of
@@ -476,8 +480,10 @@ class Batcher(Generic[InT, OutT]):
             QueueFullError: ``max_queue_size`` requests are already queued.
             BatcherClosedError: ``aclose()`` was called.
             RequestTimeoutError: the deadline (``timeout_ms``, or the batcher's
-                default) passed first. If the request was still queued, it is
-                never sent to the model.
+                default) passed first, or the request could not make it: refused
+                at once when the work queued ahead of it is predicted to take
+                longer, or failed when its batch formed. If the request was
+                still queued, it is never sent to the model.
             InvalidInputError: the collator cannot batch ``x`` (only this call
                 fails; it is also a ``TypeError``).
             ValueError: a bad ``timeout_ms`` or ``priority``, or ``batch_cost(x)``

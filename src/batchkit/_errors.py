@@ -50,9 +50,11 @@ class BatcherClosedError(BatchkitError):
 
 
 class RequestTimeoutError(BatchkitError, TimeoutError):
-    """The request's deadline (``timeout_ms``) passed before its result was ready.
+    """The request's deadline (``timeout_ms``) passed before its result was ready, or could not be met.
 
-    A request that times out while still queued is never sent to the model.
+    A request that times out while still queued is never sent to the model. One
+    whose answer is predicted after its deadline (the work queued ahead of it, or
+    its batch's expected run time) fails at once, before it takes a batch slot.
     """
 
 

@@ -3,7 +3,8 @@
 A group of pending requests is flushed as soon as a slot is free and either
 
 * it is full (``max_batch_size`` requests, or ``max_batch_cost``), or
-* the policy's flush time for it has come.
+* the policy's flush time for it has come (or its earliest deadline needs it:
+  see ``_deadlines.flush_by``).
 
 ``FixedWait`` puts that time ``max_wait`` after the group's oldest request
 arrived: a request never waits longer than that for batch-mates (it may still
@@ -11,81 +12,47 @@ wait for the model to finish the batch ahead of it). With ``max_wait=0`` a group
 is due at once: the worker sends whatever is queued whenever it is free, and
 requests that arrive while the model runs form the next batch.
 
-``AdaptiveWait`` (``max_wait_ms="auto"``) chooses the wait from what it learns
-online: the model's cost per batch, ``cost(B) = a + b*B`` (least squares over
-recent batches, older ones fading out), and the arrival rate ``λ``.
+``AdaptiveWait`` (``max_wait_ms="auto"``) reads the cost model (``_cost.py``):
 
-* When fewer than one request is expected per fixed cost (``λ·a < 1``), batching
-  cannot pay: the batch goes at once, so a lone request at low load goes
-  straight to the model.
-* Otherwise, the batch size that keeps up with arrivals is ``B* = λa / (1 - λb)``
-  (the size at which a batch takes as long as it takes ``B*`` requests to
-  arrive; ``max_batch_size`` when ``λb >= 1``). A group smaller than ``B*`` waits
-  for the arrivals it is missing, but never longer than ``a``, the fixed cost of
-  one batch: waiting longer than a whole batch's overhead cannot pay off (the
-  ski-rental bound), so the added delay is at most one fixed cost.
-* ``max_latency_ms``, when given, caps the wait so that the expected end of the
-  batch stays within that budget from the oldest request's arrival.
+* With one slot, a group is due as soon as the slot is free. For a batch server
+  this greedy rule is within a few percent of the best fixed wait at every load:
+  once one request arrives per fixed cost the server is always busy and the
+  batch size settles where it keeps up; waiting with the slot free only delays
+  every request queued and every one behind them.
+* With ``S`` slots (``replicas``, ``max_concurrent_batches``), the slots act as
+  one server ``S`` times as fast: free again ``expected(n) / S`` after the last
+  batch (of ``n``) was sent. Batches go out evenly spaced instead of ``S`` tiny
+  ones at once that keep every slot busy while the queue grows. A batch waits
+  for that only when the fixed cost is at least half of a batch's run time
+  (else more batches side by side serve better than larger ones) and a request
+  is expected to arrive meanwhile (the arrival rate ``λ``, smoothed over 50 ms).
+* ``max_latency_ms``, when given, caps that spacing so that the oldest request's
+  expected answer stays within the budget.
+
+``OomCap`` is the batch size cap learned from out-of-memory errors.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
+import time
+from collections.abc import Callable, Collection, Sized
 from typing import Protocol
 
+from ._cost import CostModel
 from ._queue import Request
 from ._settings import Settings
 
-__all__ = ["AdaptiveWait", "ArrivalRate", "CostModel", "FixedWait", "FlushPolicy", "OomCap", "make_policy"]
-
-
-class CostModel:
-    """Online least-squares fit of a batch's run time: ``seconds = a + b * size``."""
-
-    __slots__ = ("_recent", "_s0", "_s1", "_s2", "_t0", "_t1", "batches")
-
-    DECAY = 0.95  # weight of the past per new batch: about the last 20 batches count
-
-    def __init__(self) -> None:
-        self._s0 = self._s1 = self._s2 = self._t0 = self._t1 = 0.0
-        self._recent: deque[float] = deque(maxlen=32)
-        self.batches = 0
-
-    def observe(self, size: int, seconds: float) -> None:
-        d = self.DECAY
-        self._s0 = d * self._s0 + 1
-        self._s1 = d * self._s1 + size
-        self._s2 = d * self._s2 + size * size
-        self._t0 = d * self._t0 + seconds
-        self._t1 = d * self._t1 + size * seconds
-        self._recent.append(seconds)
-        self.batches += 1
-
-    def coefficients(self) -> tuple[float, float]:
-        """``(a, b)``: fixed seconds per batch, seconds per request.
-
-        Cautious where the data say little: with batches all of one size there is
-        no telling fixed from per-request cost, so it is all counted per request
-        (``a = 0``: no reason to wait); and the fixed cost is never taken to be
-        more than the fastest recent batch took.
-        """
-        if not self._s0:
-            return 0.0, 0.0
-        spread = self._s0 * self._s2 - self._s1 * self._s1
-        if spread <= 1e-9 * self._s0 * self._s0:
-            return 0.0, self._t0 / self._s1 if self._s1 else 0.0
-        b = max(0.0, (self._s0 * self._t1 - self._s1 * self._t0) / spread)
-        a = max(0.0, (self._t0 - b * self._s1) / self._s0)
-        return min(a, self.fastest_recent()), b
-
-    def expected(self, size: int) -> float:
-        a, b = self.coefficients()
-        return a + b * size
-
-    def fastest_recent(self) -> float:
-        """The shortest of the last 32 batch run times (0 before the first)."""
-        return min(self._recent, default=0.0)
+__all__ = [
+    "AdaptiveWait",
+    "ArrivalRate",
+    "CostModel",
+    "FixedWait",
+    "FlushPolicy",
+    "OomCap",
+    "RunningBatch",
+    "make_policy",
+]
 
 
 class ArrivalRate:
@@ -132,50 +99,94 @@ class FixedWait:
         return oldest.enqueued_at + self.max_wait
 
 
+class RunningBatch(Protocol):
+    """What the adaptive wait reads of a batch that is running: when it started and how large it is."""
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def requests(self) -> Sized: ...
+
+
 class AdaptiveWait:
-    """``max_wait_ms="auto"``: wait only as long as batching is expected to pay off."""
+    """``max_wait_ms="auto"``: the slots act as one server, sent work whenever it is free.
 
-    __slots__ = ("_arrivals", "_cost", "_max_latency")
+    One slot: a group goes as soon as the slot is free (greedy), which for a
+    single batch server is within a few percent of the best fixed wait at every
+    load (docs/scheduling.md has the measurements and the reasoning). ``S`` slots
+    act as one server ``S`` times as fast: it is free again ``expected(n) / S``
+    after it was last sent a batch of ``n``, so batches go out evenly spaced,
+    not ``S`` tiny ones at once that keep every slot busy while the queue grows.
+    """
 
-    WARMUP_BATCHES = 3
+    __slots__ = ("_arrivals", "_clock", "_cost", "_max_latency", "_running", "_slots")
 
-    def __init__(self, cost: CostModel, arrivals: ArrivalRate, max_latency: float | None) -> None:
+    def __init__(
+        self,
+        cost: CostModel,
+        max_latency: float | None,
+        running: Collection[RunningBatch] = (),
+        slots: Callable[[], int] = lambda: 1,
+        arrivals: ArrivalRate | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self._cost = cost
-        self._arrivals = arrivals
         self._max_latency = max_latency
+        self._running = running
+        self._slots = slots
+        self._arrivals = arrivals
+        self._clock = clock
 
-    def target_size(self, limit: int) -> float:
-        """``B*``: the batch size that keeps up with the arrival rate (at most ``limit``)."""
-        a, b = self._cost.coefficients()
-        lam = self._arrivals.rate
-        if lam * b >= 1.0:
-            return float(limit)
-        return min(float(limit), lam * a / (1.0 - lam * b))
+    def free_at(self) -> float:
+        """When the slots, taken as one server, are free for the next batch (``-inf``: now).
 
-    def wait_for(self, size: int, limit: int) -> float:
-        """Seconds the oldest request of a group of ``size`` should wait for batch-mates."""
-        if self._cost.batches < self.WARMUP_BATCHES:
-            return 0.0
-        a, _ = self._cost.coefficients()
-        lam = self._arrivals.rate
-        if lam * a < 1.0:
-            return 0.0
-        target = self.target_size(limit)
-        if size >= target:
-            return 0.0
-        wait = min(a, (target - size) / lam)
-        if self._max_latency is not None:
-            wait = min(wait, max(0.0, self._max_latency - self._cost.expected(math.ceil(target))))
-        return wait
+        Spacing batches out saves fixed costs, and only pays when they are most
+        of a batch's time (a cost mostly per sample is served better by more
+        batches side by side) and when a request is expected to arrive and join
+        in the meantime; otherwise the batch goes to a free slot at once.
+        """
+        slots = self._slots()
+        running = self._running
+        cost = self._cost
+        if slots == 1 or not running or not cost.knows():
+            return -math.inf
+        last = max(running, key=_started_at)
+        expected = cost.expected(len(last.requests))
+        if cost.coefficients()[0] < 0.5 * expected:
+            return -math.inf
+        at = last.started_at + expected / slots
+        if self._arrivals is not None and self._arrivals.rate * (at - self._clock()) < 1.0:
+            return -math.inf
+        return at
 
     def flush_at(self, oldest: Request, size: int, limit: int) -> float:
-        return oldest.enqueued_at + self.wait_for(size, limit)
+        at = self.free_at()
+        if self._max_latency is not None:  # the oldest's expected answer stays within max_latency_ms
+            at = min(at, oldest.enqueued_at + self._max_latency - self._cost.expected(size))
+        return max(oldest.enqueued_at, at)  # no wait at all: the oldest's own arrival (a flush reason of "idle")
 
 
-def make_policy(settings: Settings, cost: CostModel, arrivals: ArrivalRate) -> FlushPolicy:
-    """The flush policy ``settings.max_wait_ms`` asks for."""
+def _started_at(batch: RunningBatch) -> float:
+    return batch.started_at
+
+
+def make_policy(
+    settings: Settings,
+    cost: CostModel,
+    running: Collection[RunningBatch] = (),
+    arrivals: ArrivalRate | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    slots: Callable[[], int] | None = None,
+) -> FlushPolicy:
+    """The flush policy ``settings.max_wait_ms`` asks for.
+
+    ``running``: the batches running now; ``slots``: how many may run at once now
+    (default: all of ``settings.slots``).
+    """
     if settings.max_wait_ms == "auto":
-        return AdaptiveWait(cost, arrivals, settings.max_latency)
+        all_slots = settings.slots
+        return AdaptiveWait(cost, settings.max_latency, running, slots or (lambda: all_slots), arrivals, clock)
     return FixedWait(settings.max_wait_ms / 1000)
 
 

@@ -164,6 +164,21 @@ class RequestQueue:
         self.live += 1
         return group
 
+    def ahead(self, request: Request, plain: bool) -> int:
+        """How many live requests of its group are sure to be served before ``request`` if it were pushed now.
+
+        A plain request that would join the FIFO's tail goes after every live
+        FIFO entry (at least ``live`` less the entries outside the FIFO); one that
+        would go through the heaps is counted as first (0): a lower bound.
+        """
+        group = self._groups.get(request.key)
+        if group is None or not plain:
+            return 0
+        fifo = group.fifo
+        if fifo and (fifo[-1].urgency > request.urgency or fifo[-1].deadline > request.deadline):
+            return 0
+        return max(0, group.live - len(group.by_arrival))
+
     def forget(self, request: Request) -> None:
         """Count out a queued request that is leaving (the scheduler marks its new state)."""
         group = self._groups[request.key]
@@ -183,21 +198,25 @@ class RequestQueue:
         """Remove and return the requests whose deadline is ``now`` or earlier."""
         found: list[Request] = []
         for group in self._groups.values():
-            if group.earliest_deadline() > now:
-                continue
-            fifo = group.fifo
-            while fifo and (fifo[0].state != QUEUED or fifo[0].deadline <= now):
-                head = fifo.popleft()
-                if head.state == QUEUED:
-                    found.append(head)
-            by_deadline = group.by_deadline
-            while by_deadline and by_deadline[0][0] <= now:
-                request = heapq.heappop(by_deadline)[2]
-                if request.state == QUEUED:
-                    found.append(request)
+            if group.earliest_deadline() <= now:
+                _due_by(group, now, found)
         for request in found:
             self.forget(request)
         return found
+
+    def expired_in(self, key: Hashable, before: float) -> list[Request]:
+        """Remove and return the requests of group ``key`` whose deadline is ``before`` or earlier."""
+        found: list[Request] = []
+        group = self._groups.get(key)
+        if group is not None and group.earliest_deadline() <= before:
+            _due_by(group, before, found)
+            for request in found:
+                self.forget(request)
+        return found
+
+    def group(self, key: Hashable) -> _Group | None:
+        """Group ``key``, if it has a live request."""
+        return self._groups.get(key)
 
     def pop(self, key: Hashable, limit: int, max_cost: float | None = None, padded: bool = False) -> list[Request]:
         """Take up to ``limit`` live requests of group ``key``, most urgent first.
@@ -207,7 +226,9 @@ class RequestQueue:
         requests' costs, or, when ``padded``, its size times the largest cost
         (padding makes every row as long as the longest).
         """
-        group = self._groups[key]
+        group = self._groups.get(key)
+        if group is None:
+            return []
         batch: list[Request] = []
         if max_cost is None and not group.urgent:  # the common case: a plain FIFO
             fifo = group.fifo
@@ -248,3 +269,17 @@ class RequestQueue:
         for key in list(self._groups):
             batch.extend(self.pop(key, self._groups[key].live))
         return batch
+
+
+def _due_by(group: _Group, before: float, found: list[Request]) -> None:
+    """Move the live requests of ``group`` with a deadline at ``before`` or earlier into ``found``."""
+    fifo = group.fifo
+    while fifo and (fifo[0].state != QUEUED or fifo[0].deadline <= before):
+        head = fifo.popleft()
+        if head.state == QUEUED:
+            found.append(head)
+    by_deadline = group.by_deadline
+    while by_deadline and by_deadline[0][0] <= before:
+        request = heapq.heappop(by_deadline)[2]
+        if request.state == QUEUED:
+            found.append(request)

@@ -37,6 +37,8 @@ import anyio
 import numpy as np
 
 from ._backend import Backend
+from ._cost import CostBook
+from ._deadlines import flush_by, hopeless_before, time_to_answer
 from ._dedup import MISSING, Computation, FollowerDeadlines, ResultCache, detached, tightest, tightness
 from ._errors import (
     BatcherClosedError,
@@ -47,7 +49,7 @@ from ._errors import (
 )
 from ._execute import Failed, Outcome, copies
 from ._flushes import CAP, COST, DEADLINE, DRAIN, FULL, IDLE, STEP, TIMER
-from ._policy import ArrivalRate, CostModel, FlushPolicy, OomCap, make_policy
+from ._policy import ArrivalRate, FlushPolicy, OomCap, make_policy
 from ._queue import CANCELLED, DONE, FOLLOWING, QUEUED, RUNNING, TIMED_OUT, Request, RequestQueue
 from ._settings import Settings, check_ms
 from ._stats import BatcherStats, Counters
@@ -62,7 +64,11 @@ clock = time.perf_counter
 """batchkit's clock for arrival times, deadlines and latencies (sub-microsecond, monotonic)."""
 
 _NO_GROUP = object()  # a collate key may be None
-_FLUSH_MARGIN = 0.005  # the least time a batch is flushed ahead of what its earliest deadline needs
+
+
+def _now() -> float:
+    """``clock()``, looked up at each call (a test or a simulation may replace it)."""
+    return clock()
 
 
 class Batch:
@@ -121,18 +127,20 @@ class Scheduler:
         self.settings = settings
         self.name = name
         self.counters = Counters()
-        self.cost_model = CostModel()
+        self.costs = CostBook()  # run time by batch size: batcher-wide and per group (see _cost.py)
+        self.cost_model = self.costs.all
+        self.guard_deadlines = True  # admission and early failure by predicted run time (off: a plain FIFO)
         self.closing = False
         self._key = key
         self._padded_cost = padded_cost
         self._queue = RequestQueue()
+        self._running: set[Batch] = set()
         self._arrivals = ArrivalRate()
-        self._policy: FlushPolicy = make_policy(settings, self.cost_model, self._arrivals)
+        self._policy: FlushPolicy = self._make_policy(settings)
         self._oom = OomCap()
         self.limit = settings.limit  # the largest batch to form now (OOM cap included)
         self.concurrency_limit = settings.slots  # batches in flight allowed now (the worker's, with "auto")
         self._backend: Backend | None = None
-        self._running: set[Batch] = set()
         self._blocked: set[Batch] = set()  # hung batches whose slot waits for the call to return
         self._oldest_queued = math.inf  # arrival of the oldest queued request, as of the last look
         self._wakeup: anyio.Event | None = None  # set while the worker sleeps
@@ -154,12 +162,19 @@ class Scheduler:
     def reconfigure(self, settings: Settings, *, reset_oom: bool) -> None:
         """Swap in new settings (from the next batch on) and look at the queue again."""
         if settings.max_wait_ms != self.settings.max_wait_ms or settings.max_latency != self.settings.max_latency:
-            self._policy = make_policy(settings, self.cost_model, self._arrivals)
+            self._policy = self._make_policy(settings)
         self.settings = settings
         if reset_oom:
             self._oom.reset()
         self.limit = self._oom.limit(settings.limit)
         self.wake()
+
+    def _make_policy(self, settings: Settings) -> FlushPolicy:
+        return make_policy(settings, self.cost_model, self._running, self._arrivals, _now, self._slots)
+
+    def _slots(self) -> int:
+        """Batches that may run at once now: the tuner's limit, less slots a hung call still blocks."""
+        return max(1, min(self.concurrency_limit, self.settings.slots - len(self._blocked)))
 
     # -- requests in: the caller's side --------------------------------------------
 
@@ -201,15 +216,20 @@ class Scheduler:
                 timeout = settings.timeout if timeout_ms is None else check_ms("timeout_ms", timeout_ms) / 1000
                 if timeout is None:
                     request = Request(x, key, now, math.inf, now + settings.slack)
+                    admit = False  # no deadline: nothing to predict, nothing paid
                 else:
                     request = Request(x, key, now, now + timeout, now + timeout)
+                    admit = self.guard_deadlines
                 plain = True  # the queue keeps it in its FIFO if that keeps the FIFO in order
             else:
                 request = self._special(x, key, now, timeout_ms, priority)
                 plain = not priority
+                admit = self.guard_deadlines and request.deadline != math.inf
         except BaseException:
             counters.failed += 1
             raise
+        if admit:
+            self._admit(request, plain, now)
         if not queue.live:
             self._oldest_queued = now
         group = queue.push(request, plain)
@@ -249,6 +269,20 @@ class Scheduler:
         due = now + settings.slack if deadline == math.inf else deadline
         return Request(x, key, now, deadline, due - _check_priority(priority) * settings.priority_aging, cost)
 
+    def _admit(self, request: Request, plain: bool, now: float) -> None:
+        """Refuse a request whose predicted answer comes after its deadline (counted as timed out)."""
+        model = self.costs.model(request.key)
+        running = [(self.costs.model(b.requests[0].key), len(b.requests), now - b.started_at) for b in self._running]
+        ahead = self._queue.ahead(request, plain)
+        predicted = time_to_answer(model, ahead, self.limit, self._slots(), running)
+        if now + predicted <= request.deadline:
+            return
+        self.counters.timed_out += 1
+        raise RequestTimeoutError(
+            f"batcher {self.name!r}: request cannot finish within its {(request.deadline - now) * 1000:.6g} ms "
+            f"timeout (its answer is predicted in {predicted * 1000:.3g} ms, {ahead} queued ahead of it); refused"
+        )
+
     def abandon(self, request: Request) -> None:
         """The caller stopped waiting (cancelled): never answer it, never send it."""
         state = request.state
@@ -273,6 +307,11 @@ class Scheduler:
     def pending(self) -> int:
         return self._queue.live
 
+    @property
+    def flush_at(self) -> float:
+        """When the next queued group not yet due becomes due, as of the last ``take`` (inf: none)."""
+        return self._flush_at
+
     def take(self, now: float, *, limit: int | None = None, due: bool = False) -> Batch | None:
         """The batch to run now, if a group is due; else remember when one will be.
 
@@ -296,16 +335,16 @@ class Scheduler:
             return None
         for group_key, group in self._queue.groups():
             if group_key == key:
-                return group.earliest_deadline(), self.cost_model.expected(min(group.live, self.limit))
+                return group.earliest_deadline(), self.costs.model(key).expected(min(group.live, self.limit))
         return None  # pragma: no cover - _due_group returns the key of a group it saw
 
     def _take_group(self, key: Hashable, now: float, limit: int, reason: int) -> Batch | None:
+        horizon = self._drop_hopeless(key, now, limit) if self.guard_deadlines else now
         requests = self._queue.pop(key, limit, self.settings.max_batch_cost, self._padded_cost)
         if reason == FULL:  # the group was full by size or by cost: which one the batch met
             reason = COST if len(requests) < limit else CAP if self.limit < self.settings.limit else FULL
         backend = self._backend
         assert backend is not None
-        horizon = now + self.cost_model.fastest_recent()
         counters = self.counters
         taken: list[Request] = []
         items: list[Any] = []
@@ -319,11 +358,11 @@ class Scheduler:
                 counters.cancelled += 1
                 self._left(request)
             elif request.deadline <= horizon:
-                # It cannot finish in time (less time left than the fastest recent batch took): fail it now.
+                # It cannot finish in time (less time left than even a quick run of this batch): fail it now.
                 request.state = TIMED_OUT
                 request.item = None
                 counters.timed_out += 1
-                self._fail(request, self._timeout_error(request, early=request.deadline > now))
+                self._fail(request, self._timeout_error(request, early=request.deadline > now, size=len(requests)))
                 self._left(request)
             else:
                 request.state = RUNNING
@@ -343,6 +382,26 @@ class Scheduler:
         self._running.add(batch)
         return batch
 
+    def _drop_hopeless(self, key: Hashable, now: float, limit: int) -> float:
+        """Fail the requests of group ``key`` that its next batch cannot answer in time; returns that horizon.
+
+        They leave before the batch is formed, so that requests that can still
+        make it take their places.
+        """
+        group = self._queue.group(key)
+        if group is None or group.earliest_deadline() == math.inf:
+            return now
+        size = min(group.live, limit)
+        horizon = hopeless_before(self.costs.model(key), size, now, backlog=group.live > limit)
+        counters = self.counters
+        for request in self._queue.expired_in(key, horizon):
+            request.state = TIMED_OUT
+            request.item = None
+            counters.timed_out += 1
+            self._fail(request, self._timeout_error(request, early=request.deadline > now, size=size))
+            self._left(request)
+        return horizon
+
     def _due_group(self, now: float, due_now: bool = False) -> tuple[Hashable, int]:
         """The key of the group to flush now (the one whose oldest request is oldest), or ``_NO_GROUP``,
         and the reason it is due (see ``_flushes``; ``FULL`` stands for full by size or by cost)."""
@@ -361,12 +420,8 @@ class Scheduler:
             else:
                 due = wait_until = self._policy.flush_at(head, group.live, limit)
                 deadline = group.earliest_deadline()
-                if deadline < due:
-                    # Flush early enough for the earliest deadline to be met, with a margin for
-                    # the run's spread and the loop's latency (timers fire a millisecond or two
-                    # late): a tenth of the wait, at least 5 ms.
-                    margin = max(_FLUSH_MARGIN, 0.1 * (deadline - head.enqueued_at))
-                    due = min(due, deadline - 1.25 * self.cost_model.expected(group.live) - margin)
+                if deadline < due:  # early enough for the earliest deadline (see _deadlines.flush_by)
+                    due = min(due, flush_by(self.costs.model(key), min(group.live, limit), deadline, head.enqueued_at))
                 if wait_until <= now:
                     reason = IDLE if wait_until == head.enqueued_at else TIMER
                 elif due <= now:
@@ -460,7 +515,8 @@ class Scheduler:
             else:
                 logger.info("batcher %r: no out-of-memory error lately; batch cap now %d", self.name, self.limit)
         if outcome.fit is None and outcome.error is None:
-            self.cost_model.observe(size, outcome.seconds)
+            # What a caller waits for: the run, and the hand-offs to and from the slot.
+            self.costs.observe(batch.requests[0].key, size, max(outcome.seconds, clock() - batch.started_at))
 
     def answer(self, batch: Batch, outcome: Outcome) -> None:
         """Answer each caller of a finished batch that still waits."""
@@ -596,12 +652,13 @@ class Scheduler:
         for batch in done:
             self._running.discard(batch)
 
-    def _timeout_error(self, request: Request, *, early: bool = False) -> RequestTimeoutError:
+    def _timeout_error(self, request: Request, *, early: bool = False, size: int = 1) -> RequestTimeoutError:
         timeout = (request.deadline - request.enqueued_at) * 1000.0
         if early:
+            expected = self.costs.model(request.key).expected(size) * 1000
             return RequestTimeoutError(
                 f"batcher {self.name!r}: request cannot finish within its {timeout:.6g} ms timeout "
-                f"(recent batches took at least {self.cost_model.fastest_recent() * 1000:.3g} ms); not sent"
+                f"(a batch of {size} is expected to take {expected:.3g} ms); not sent"
             )
         return RequestTimeoutError(f"batcher {self.name!r}: request timed out after {timeout:.6g} ms")
 

@@ -130,7 +130,7 @@ class BatcherStats:
     rejected: int
     """Requests refused at once: queue full or batcher closed."""
     timed_out: int
-    """Requests whose deadline passed first."""
+    """Requests whose deadline passed first, or that were predicted to miss it (refused, or failed early)."""
     cancelled: int
     """Requests whose caller was cancelled first."""
     pending: int
