@@ -113,9 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     handoff = max(0.0, batch_s - subject.cost(MAX_BATCH))  # per batch, beyond the model's own run
-    print(
-        "| load | batcher | goodput / capacity | answered / capacity | on time | late | refused | failed early | timed out | p99 ms |"
-    )
+    columns = "goodput / capacity | answered / capacity | on time | late | refused | failed early | timed out | p99 ms"
+    print(f"| load | batcher | {columns} |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for load in (float(x) for x in args.loads.split(",")):
