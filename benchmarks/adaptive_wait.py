@@ -64,6 +64,7 @@ class Subject:
     def __init__(self, name: str) -> None:
         """``cost(n)``: a batch of ``n``'s run time (the model alone), for the simulation."""
         self.name = name
+        self.handoff: float | None = None  # seconds per batch beyond the model's run, once measured
         if name == "synthetic":
             self.fn: Callable[[Any], Any] = synthetic
             self.item: Any = 0
@@ -167,10 +168,17 @@ def sweep(subject: Subject, slots: int, args: argparse.Namespace) -> list[dict[s
     variants = ["auto", *(f"fixed={w}" for w in args.waits.split(","))]
     if slots == 1 and not args.simulate:
         variants.append("naive-thread")
-    capacity = asyncio.run(saturated_throughput(subject, slots=slots))
-    handoff = max(0.0, slots * MAX_BATCH / capacity - subject.cost(MAX_BATCH))  # per batch, beyond the model
-    if args.simulate:
+    if args.simulate:  # one slot's hand-off for all: slots in the simulation do not share the machine's cores
+        if args.handoff_ms is not None:
+            subject.handoff = args.handoff_ms / 1000
+        elif subject.handoff is None:
+            one = asyncio.run(saturated_throughput(subject))
+            subject.handoff = max(0.0, MAX_BATCH / one - subject.cost(MAX_BATCH))
+        handoff = subject.handoff
         capacity = slots * MAX_BATCH / (subject.cost(MAX_BATCH) + handoff)
+    else:
+        capacity = asyncio.run(saturated_throughput(subject, slots=slots))
+        handoff = max(0.0, slots * MAX_BATCH / capacity - subject.cost(MAX_BATCH))  # per batch, beyond the model
     where = "simulated" if args.simulate else "measured"
     name = subject.name if slots == 1 else f"{subject.name} x{slots}"
     print(f"\n{name}: {where} capacity {capacity:,.0f} req/s; hand-off {handoff * 1e3:.2f} ms per batch")
@@ -228,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--waits", default="0,0.5,1,2,5", help="fixed max_wait_ms values")
     parser.add_argument("--slots", default="1", help="comma-separated: replicas (threads running batches)")
     parser.add_argument("--simulate", action="store_true", help="run policy_sim's simulation instead (no noise)")
+    parser.add_argument("--handoff-ms", type=float, help="--simulate: per-batch hand-off (default: measured)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/adaptive.json"))
     args = parser.parse_args(argv)
 
