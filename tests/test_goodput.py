@@ -535,3 +535,47 @@ async def test_batcher_admits_before_warmup_and_times_out_as_usual() -> None:
             model.gate.set()
     assert "no data yet" not in model.seen
     check_invariant(batcher.stats())
+
+
+def test_a_slow_estimate_is_checked_again_after_a_while(clock: Clock) -> None:
+    scheduler, answers = make_scheduler(max_batch_size=4, max_wait_ms=0, timeout_ms=50)
+    teach(scheduler, clock, 1, 0.100)  # a cold start: batches of 1 "take 100 ms"
+    with pytest.raises(batchkit.RequestTimeoutError, match="refused"):
+        scheduler.submit("refused", None, 0)
+    # Nothing runs to correct the estimate while everything is refused; after a while it is checked again.
+    clock.now += 1.5
+    probe = scheduler.submit("probe", None, 0)
+    batch = scheduler.take(clock.now)
+    assert batch is not None
+    assert batch.requests == [probe]  # not failed as hopeless either
+    run(scheduler, clock, batch, 0.001)  # the model is fast now
+    assert answers.results[probe] == "probe"
+    assert scheduler.costs.model(None).expected(1) == pytest.approx(0.001)  # the stale estimate is replaced
+    scheduler.submit("admitted", None, 0)
+    check_invariant(scheduler.stats())
+
+
+@pytest.mark.anyio
+async def test_a_batcher_recovers_from_a_cold_start_that_made_every_request_look_hopeless() -> None:
+    calls = 0
+
+    def model(batch: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls <= WARMUP + 1:
+            time.sleep(0.1)  # a cold start long enough for the model to trust it
+        return batch
+
+    answered = 0
+    async with batchkit.Batcher(model, collate=None, max_wait_ms=0) as batcher:
+        for x in range(WARMUP + 1):
+            await batcher.predict(x)
+        with anyio.fail_after(10):
+            while answered < 20:
+                try:
+                    assert await batcher.predict(1, timeout_ms=50) == 1
+                    answered += 1
+                except batchkit.RequestTimeoutError:
+                    await anyio.sleep(0.01)
+    assert calls > WARMUP + 1
+    check_invariant(batcher.stats())
