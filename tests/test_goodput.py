@@ -16,7 +16,7 @@ import pytest
 
 import batchkit
 import batchkit._scheduler as scheduler_module
-from batchkit._cost import WARMUP, CostBook, CostModel, bucket_of
+from batchkit._cost import STALE_AFTER, WARMUP, CostBook, CostModel, bucket_of
 from batchkit._deadlines import FLUSH_MARGIN, flush_by, hopeless_before, lower, time_to_answer, upper
 from batchkit._execute import Outcome
 from batchkit._policy import AdaptiveWait, ArrivalRate, make_policy
@@ -166,16 +166,20 @@ def test_flush_by_leaves_room_for_a_pessimistic_run_and_the_loop() -> None:
 
 def test_hopeless_before() -> None:
     model = taught([1, 4, 16, 64], mlp_like)
-    assert hopeless_before(CostModel(), 64, 5.0, backlog=True) == 5.0  # no data: only what is past
-    assert hopeless_before(model, 64, 5.0, backlog=True) == pytest.approx(5.0 + model.expected(64))
-    assert hopeless_before(model, 64, 5.0, backlog=False) == pytest.approx(5.0 + lower(model, 64))
-    assert hopeless_before(model, 1, 5.0, backlog=True) == pytest.approx(5.0 + model.expected(1))
+    now = 0.5  # the model learned at 0.0 (observe's default)
+    assert hopeless_before(CostModel(), 64, now, backlog=True) == now  # no data: only what is past
+    assert hopeless_before(model, 64, now, backlog=True) == pytest.approx(now + model.expected(64))
+    assert hopeless_before(model, 64, now, backlog=False) == pytest.approx(now + lower(model, 64))
+    assert hopeless_before(model, 1, now, backlog=True) == pytest.approx(now + model.expected(1))
+    later = STALE_AFTER + 0.5  # no batch for a while: the estimate is not acted on
+    assert hopeless_before(model, 64, later, backlog=True) == later
 
 
 def test_time_to_answer() -> None:
     line = taught([1, 8, 64], lambda n: 0.010 + 0.001 * n)
     c64 = line.expected(64)
     assert time_to_answer(CostModel(), 500, 64, 1, []) == 0.0  # no data: nothing is refused
+    assert time_to_answer(line, 500, 64, 1, [], now=STALE_AFTER + 0.5) == 0.0  # stale data: nor on that
     # Nothing ahead, a slot free: just its own (optimistic) run.
     assert time_to_answer(line, 0, 64, 1, []) == pytest.approx(lower(line, 1))
     # 130 ahead: two full batches, then its own with the 2 left over; one batch half run.
@@ -543,7 +547,7 @@ def test_a_slow_estimate_is_checked_again_after_a_while(clock: Clock) -> None:
     with pytest.raises(batchkit.RequestTimeoutError, match="refused"):
         scheduler.submit("refused", None, 0)
     # Nothing runs to correct the estimate while everything is refused; after a while it is checked again.
-    clock.now += 1.5
+    clock.now += STALE_AFTER + 0.001
     probe = scheduler.submit("probe", None, 0)
     batch = scheduler.take(clock.now)
     assert batch is not None

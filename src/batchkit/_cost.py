@@ -10,7 +10,8 @@ Sizes are grouped into log-spaced buckets, two per octave (1, 2, 3, 4-5, 6-7,
 times and the mean size of the batches that fell in it (each new batch weighs
 ``ALPHA``, or an equal share while the bucket has fewer than ``1 / ALPHA``), so a
 model that warms up or a device that gets busier is followed within a few dozen
-batches; a run far above its bucket's mean (a stall of the machine) counts as
+batches (one whose bucket had no batch for ``STALE_AFTER`` starts it afresh);
+a run far above its bucket's mean (a stall of the machine) counts as
 four standard deviations (or half the mean) above it, so one outlier cannot
 make the model refuse work. A size whose bucket has no batch yet is read off the line between the
 nearest buckets that have one on either side, or extended from the nearest one
@@ -33,11 +34,13 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from statistics import NormalDist
 
-__all__ = ["WARMUP", "CostBook", "CostModel", "bucket_of"]
+__all__ = ["STALE_AFTER", "WARMUP", "CostBook", "CostModel", "bucket_of"]
 
 _BUCKETS = 64  # two per octave: sizes up to 2**31 each get their own; larger ones share the last
 WARMUP = 3
 """Batches a model needs before its predictions are used to wait, refuse or fail anything."""
+STALE_AFTER = 1.0
+"""Seconds after a model's last batch when its predictions are no longer acted on (and a size's are replaced)."""
 
 
 def bucket_of(size: int) -> int:
@@ -51,7 +54,21 @@ def bucket_of(size: int) -> int:
 class CostModel:
     """Expected run time of a batch by its size, with its spread, from recent batches."""
 
-    __slots__ = ("_count", "_mean", "_s0", "_s1", "_s2", "_seen", "_size", "_t0", "_t1", "_var", "batches")
+    __slots__ = (
+        "_count",
+        "_mean",
+        "_s0",
+        "_s1",
+        "_s2",
+        "_seen",
+        "_size",
+        "_t0",
+        "_t1",
+        "_var",
+        "_when",
+        "batches",
+        "last",
+    )
 
     ALPHA = 0.1  # a new batch's weight in its bucket: about the last 10-20 batches of a size count
     DECAY = 0.95  # the linear fit's weight of the past per new batch: about the last 20 batches count
@@ -61,14 +78,19 @@ class CostModel:
         self._size = [0.0] * _BUCKETS
         self._mean = [0.0] * _BUCKETS
         self._var = [0.0] * _BUCKETS
+        self._when = [0.0] * _BUCKETS  # when each bucket last had a batch
         self._seen = 0  # bit i set: bucket i has a batch
+        self.last = -math.inf  # when the last batch was observed
         self._s0 = self._s1 = self._s2 = self._t0 = self._t1 = 0.0
         self.batches = 0
 
-    def observe(self, size: int, seconds: float) -> None:
-        """Learn from one batch of ``size`` that ran for ``seconds``."""
+    def observe(self, size: int, seconds: float, now: float = 0.0) -> None:
+        """Learn from one batch of ``size`` that ran for ``seconds``, observed at clock time ``now``."""
         i = bucket_of(size)
         count = self._count[i]
+        if now - self._when[i] > STALE_AFTER:
+            count = 0  # what this size cost a while ago says little now: start its mean afresh
+        self._when[i] = self.last = now
         mean = self._mean[i]
         if count >= WARMUP:  # one stall (a GC pause, a busy machine) moves the mean by a bounded step
             seconds = min(seconds, mean + max(4.0 * math.sqrt(self._var[i]), 0.5 * mean))
@@ -156,6 +178,15 @@ class CostModel:
         """Whether enough batches ran for predictions to act on (``WARMUP``)."""
         return self.batches >= WARMUP
 
+    def current(self, now: float) -> bool:
+        """Whether predictions may refuse or fail requests at ``now``: warmed up, and a batch ran lately.
+
+        A prediction that every request is hopeless stops the batches that would
+        correct it; after ``STALE_AFTER`` without a batch it is not acted on, so
+        the next request runs and its batch replaces the stale estimate.
+        """
+        return self.batches >= WARMUP and now - self.last <= STALE_AFTER
+
 
 class CostBook:
     """A batcher's cost models: one for all its batches, and one per recently used group."""
@@ -168,9 +199,9 @@ class CostBook:
         self.all = CostModel()
         self._groups: OrderedDict[Hashable, CostModel] = OrderedDict()
 
-    def observe(self, group: Hashable, size: int, seconds: float) -> None:
-        """Learn from one batch of ``group``."""
-        self.all.observe(size, seconds)
+    def observe(self, group: Hashable, size: int, seconds: float, now: float = 0.0) -> None:
+        """Learn from one batch of ``group`` (observed at clock time ``now``)."""
+        self.all.observe(size, seconds, now)
         groups = self._groups
         model = groups.get(group)
         if model is None:
@@ -179,7 +210,7 @@ class CostBook:
             model = groups[group] = CostModel()
         else:
             groups.move_to_end(group)
-        model.observe(size, seconds)
+        model.observe(size, seconds, now)
 
     def model(self, group: Hashable) -> CostModel:
         """The model that predicts ``group``'s batches: its own once warm, else the batcher-wide one."""

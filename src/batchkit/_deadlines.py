@@ -17,7 +17,8 @@ Three predictions, each from the ``CostModel`` of the request's group:
 
 Every prediction is optimistic where it refuses or fails (``lower``) and
 pessimistic where it flushes early (``upper``); before a model has seen
-``WARMUP`` batches nothing is refused or failed early.
+``WARMUP`` batches, or when none ran for ``STALE_AFTER``, nothing is refused or
+failed early (a stale "too slow" would otherwise stop the batches that correct it).
 """
 
 from __future__ import annotations
@@ -62,13 +63,18 @@ def hopeless_before(cost: CostModel, size: int, now: float, *, backlog: bool) ->
     expected run time) gives its place to one that can; without one, only a
     request that cannot make it even in a quick run (``lower``) is failed.
     """
-    if not cost.knows():
+    if not cost.current(now):
         return now
     return now + (cost.expected(size) if backlog else lower(cost, size))
 
 
 def time_to_answer(
-    cost: CostModel, ahead: int, limit: int, slots: int, running: Iterable[tuple[CostModel, int, float]]
+    cost: CostModel,
+    ahead: int,
+    limit: int,
+    slots: int,
+    running: Iterable[tuple[CostModel, int, float]],
+    now: float = 0.0,
 ) -> float:
     """A prediction of the time from now to the answer of a request queued behind ``ahead`` others in its group.
 
@@ -77,9 +83,10 @@ def time_to_answer(
     expected run times: a sum of many, so the mean is what counts) are shared
     among ``slots``; then the request's own batch runs, counted optimistically
     (``lower``), so that a lone request is refused only by a clear margin. 0 when
-    the model has not seen ``WARMUP`` batches yet: nothing is refused on no data.
+    the model has not seen ``WARMUP`` batches yet, or none lately (at ``now``; see
+    ``CostModel.current``): nothing is refused on no data, or on stale data.
     """
-    if not cost.knows() or slots < 1:
+    if not cost.current(now) or slots < 1:
         return 0.0
     full, rest = divmod(ahead, limit)
     work = full * cost.expected(limit)

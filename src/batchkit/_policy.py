@@ -19,7 +19,8 @@ requests that arrive while the model runs form the next batch.
   once one request arrives per fixed cost the server is always busy and the
   batch size settles where it keeps up; waiting with the slot free only delays
   every request queued and every one behind them.
-* With ``S`` slots (``replicas``, ``max_concurrent_batches``), the slots act as
+* With ``S`` slots (``replicas``, ``max_concurrent_batches``; with ``"auto"``, the
+  tuner's limit now, less slots a hung call blocks), the slots act as
   one server ``S`` times as fast: free again ``expected(n) / S`` after the last
   batch (of ``n``) was sent. Batches go out evenly spaced instead of ``S`` tiny
   ones at once that keep every slot busy while the queue grows. A batch waits

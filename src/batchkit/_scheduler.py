@@ -274,7 +274,7 @@ class Scheduler:
         model = self.costs.model(request.key)
         running = [(self.costs.model(b.requests[0].key), len(b.requests), now - b.started_at) for b in self._running]
         ahead = self._queue.ahead(request, plain)
-        predicted = time_to_answer(model, ahead, self.limit, self._slots(), running)
+        predicted = time_to_answer(model, ahead, self.limit, self._slots(), running, now)
         if now + predicted <= request.deadline:
             return
         self.counters.timed_out += 1
@@ -516,7 +516,8 @@ class Scheduler:
                 logger.info("batcher %r: no out-of-memory error lately; batch cap now %d", self.name, self.limit)
         if outcome.fit is None and outcome.error is None:
             # What a caller waits for: the run, and the hand-offs to and from the slot.
-            self.costs.observe(batch.requests[0].key, size, max(outcome.seconds, clock() - batch.started_at))
+            now = clock()
+            self.costs.observe(batch.requests[0].key, size, max(outcome.seconds, now - batch.started_at), now)
 
     def answer(self, batch: Batch, outcome: Outcome) -> None:
         """Answer each caller of a finished batch that still waits."""
