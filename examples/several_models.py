@@ -78,6 +78,7 @@ def rerank(batch: np.ndarray) -> np.ndarray:
     return batch.sum(axis=1)
 
 
+# --8<-- [start:adapter]
 @counted
 def classify(batch: list[dict[str, Any]]) -> list[int]:
     customer = batchkit.current_batch_key()  # every request of this batch is this customer's
@@ -86,7 +87,11 @@ def classify(batch: list[dict[str, Any]]) -> list[int]:
     return [int(label) for label in (features @ ADAPTERS[customer]).argmax(axis=1)]
 
 
+# --8<-- [end:adapter]
+
+
 async def main() -> None:
+    # --8<-- [start:executor]
     device = batchkit.SharedExecutor(max_concurrent_batches=1)
     embedder = batchkit.Batcher(
         embed,
@@ -105,6 +110,7 @@ async def main() -> None:
         batch_key=lambda request: request["customer"],
         name="classifier",
     )
+    # --8<-- [end:executor]
     customers = list(ADAPTERS)
     inputs = np.random.default_rng(1).standard_normal((300, 64)).astype(np.float32)
     queries = inputs[np.random.default_rng(2).integers(0, 40, size=300)]  # 40 distinct texts, repeated

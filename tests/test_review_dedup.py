@@ -101,9 +101,11 @@ async def test_a_result_with_a_cycle_is_copied_for_every_caller() -> None:
 async def test_a_caller_after_clear_cache_does_not_join_a_computation_from_before() -> None:
     weights = {"v": 1}
     gate = threading.Event()
+    entered = threading.Event()
 
     def model(batch: list[str]) -> list[str]:
         version = weights["v"]
+        entered.set()
         gate.wait(10)
         return [f"{x} with v{version}" for x in batch]
 
@@ -116,7 +118,7 @@ async def test_a_caller_after_clear_cache_does_not_join_a_computation_from_befor
                     before.append(await batcher.predict("q"))
 
                 tg.start_soon(first)
-                while batcher.stats().in_flight == 0:
+                while not entered.is_set():  # the model has read its weights
                     await anyio.sleep(0.001)
                 weights["v"] = 2  # the model is reloaded...
                 batcher.clear_cache()  # ...and the cache cleared
