@@ -186,8 +186,9 @@ def test_time_to_answer() -> None:
     running = [(line, 64, c64 / 2)]
     expected = 2 * c64 + c64 / 2 + lower(line, 3)
     assert time_to_answer(line, 130, 64, 1, running) == pytest.approx(expected)
-    # Two slots share that work.
-    assert time_to_answer(line, 130, 64, 2, running) == pytest.approx((2 * c64 + c64 / 2) / 2 + lower(line, 3))
+    # Two slots: the first full batch takes the free slot, the second the slot that frees at c64 / 2;
+    # its own batch starts when the first of them ends (c64).
+    assert time_to_answer(line, 130, 64, 2, running) == pytest.approx(c64 + lower(line, 3))
     # A batch that overran its expected time holds its slot for nothing more.
     assert time_to_answer(line, 64, 64, 1, [(line, 64, 10.0)]) == pytest.approx(c64 + lower(line, 1))
     # A free slot takes it at once, whatever runs elsewhere.

@@ -174,6 +174,12 @@ class CostModel:
         """The ``q`` quantile of a batch of ``size``'s run time (a normal approximation, at least 0)."""
         return max(0.0, self.expected(size) + NormalDist().inv_cdf(q) * self.spread(size))
 
+    def fresh(self, size: int, now: float) -> bool:
+        """Whether the estimate for ``size`` is not an old one: its bucket had a batch within
+        ``STALE_AFTER`` of ``now``, or never had one (it is then read off the sizes around it)."""
+        i = bucket_of(size)
+        return not self._seen >> i & 1 or now - self._when[i] <= STALE_AFTER
+
     def knows(self) -> bool:
         """Whether enough batches ran for predictions to act on (``WARMUP``)."""
         return self.batches >= WARMUP
@@ -216,3 +222,13 @@ class CostBook:
         """The model that predicts ``group``'s batches: its own once warm, else the batcher-wide one."""
         model = self._groups.get(group)
         return model if model is not None and model.batches >= WARMUP else self.all
+
+    def own(self, group: Hashable) -> CostModel | None:
+        """``group``'s own model once warm, else None: what may refuse or fail its requests.
+
+        The batcher-wide model predicts a group it has no data on (to flush in
+        time), but does not refuse it: another group's cost says nothing sure
+        about this one, and a group refused on it would never run to learn its own.
+        """
+        model = self._groups.get(group)
+        return model if model is not None and model.batches >= WARMUP else None

@@ -12,22 +12,29 @@ Three predictions, each from the ``CostModel`` of the request's group:
   it; it is failed instead of taking a slot.
 * **Admission** (``time_to_answer``): a request with a deadline is refused at
   once when even an optimistic prediction of its answer comes after its
-  deadline: the batches running now finish, the requests queued ahead of it in
-  its group go in full batches, then its own batch runs, spread over the slots.
+  deadline: the requests queued ahead of it in its group go in full batches,
+  each on the first slot to free (the batches running now finish first), then
+  its own batch runs on the next.
 
 Every prediction is optimistic where it refuses or fails (``lower``) and
-pessimistic where it flushes early (``upper``); before a model has seen
-``WARMUP`` batches, or when none ran for ``STALE_AFTER``, nothing is refused or
-failed early (a stale "too slow" would otherwise stop the batches that correct it).
+pessimistic where it flushes early (``upper``). Nothing is refused or failed
+early on an estimate that nothing confirmed lately: before a group's own model
+has seen ``WARMUP`` batches (the batcher-wide one is used to flush, not to
+refuse), when none of its batches ran for ``STALE_AFTER``, or when no batch of
+about the size in question did (a stale "too slow" would otherwise stop the
+batches that correct it).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 
 from ._cost import CostModel
 
 __all__ = ["FLUSH_MARGIN", "flush_by", "hopeless_before", "lower", "time_to_answer", "upper"]
+
+_SIMULATED = 256  # full batches ahead placed on slots one by one; beyond, their work is averaged
 
 FLUSH_MARGIN = 0.005
 """The least time a group is flushed ahead of what its earliest deadline needs (timers fire late)."""
@@ -39,8 +46,15 @@ def upper(cost: CostModel, size: int) -> float:
     return expected + max(2.0 * cost.spread(size), 0.1 * expected)
 
 
-def lower(cost: CostModel, size: int) -> float:
-    """An optimistic run time of a batch of ``size``: two standard deviations below the mean, at least 10 %."""
+def lower(cost: CostModel, size: int, now: float | None = None) -> float:
+    """An optimistic run time of a batch of ``size``: two standard deviations below the mean, at least 10 %.
+
+    With ``now``: 0 when no batch of about that size ran within ``STALE_AFTER``
+    (an old estimate for one size, made at a cold start say, refuses nothing:
+    else that size would never run again to correct it).
+    """
+    if now is not None and not cost.fresh(size, now):
+        return 0.0
     expected = cost.expected(size)
     return max(0.0, expected - max(2.0 * cost.spread(size), 0.1 * expected))
 
@@ -63,7 +77,7 @@ def hopeless_before(cost: CostModel, size: int, now: float, *, backlog: bool) ->
     expected run time) gives its place to one that can; without one, only a
     request that cannot make it even in a quick run (``lower``) is failed.
     """
-    if not cost.current(now):
+    if not cost.current(now) or not cost.fresh(size, now):
         return now
     return now + (cost.expected(size) if backlog else lower(cost, size))
 
@@ -89,10 +103,15 @@ def time_to_answer(
     if not cost.current(now) or slots < 1:
         return 0.0
     full, rest = divmod(ahead, limit)
-    work = full * cost.expected(limit)
-    busy = 0
-    for model, size, elapsed in running:
-        work += max(0.0, model.expected(size) - elapsed)
-        busy += 1
-    start = 0.0 if full < slots - busy else work / slots  # a slot is free for it: it starts now
-    return start + lower(cost, rest + 1)
+    # When each slot frees: the running batches' remaining times, 0 for a free slot.
+    free = sorted(max(0.0, model.expected(size) - elapsed) for model, size, elapsed in running)[:slots]
+    free += [0.0] * (slots - len(free))
+    if full <= _SIMULATED:  # the full batches ahead take the first slot to free, one after another
+        heapq.heapify(free)
+        batch = cost.expected(limit)
+        for _ in range(full):
+            heapq.heapreplace(free, free[0] + batch)
+        start = free[0]
+    else:  # a long queue: its work shared over the slots
+        start = (sum(free) + full * cost.expected(limit)) / slots
+    return start + lower(cost, rest + 1, now)

@@ -271,7 +271,9 @@ class Scheduler:
 
     def _admit(self, request: Request, plain: bool, now: float) -> None:
         """Refuse a request whose predicted answer comes after its deadline (counted as timed out)."""
-        model = self.costs.model(request.key)
+        model = self.costs.own(request.key)
+        if model is None:
+            return  # nothing known of this group yet: admit (its batches teach its own model)
         running = [(self.costs.model(b.requests[0].key), len(b.requests), now - b.started_at) for b in self._running]
         ahead = self._queue.ahead(request, plain)
         predicted = time_to_answer(model, ahead, self.limit, self._slots(), running, now)
@@ -392,7 +394,10 @@ class Scheduler:
         if group is None or group.earliest_deadline() == math.inf:
             return now
         size = min(group.live, limit)
-        horizon = hopeless_before(self.costs.model(key), size, now, backlog=group.live > limit)
+        model = self.costs.own(key)
+        if model is None:
+            return now  # nothing known of this group yet: nobody is failed early
+        horizon = hopeless_before(model, size, now, backlog=group.live > limit)
         counters = self.counters
         for request in self._queue.expired_in(key, horizon):
             request.state = TIMED_OUT
@@ -657,9 +662,10 @@ class Scheduler:
         timeout = (request.deadline - request.enqueued_at) * 1000.0
         if early:
             expected = self.costs.model(request.key).expected(size) * 1000
+            left = (request.deadline - clock()) * 1000
             return RequestTimeoutError(
                 f"batcher {self.name!r}: request cannot finish within its {timeout:.6g} ms timeout "
-                f"(a batch of {size} is expected to take {expected:.3g} ms); not sent"
+                f"({left:.3g} ms left, and a batch of {size} is expected to take {expected:.3g} ms); not sent"
             )
         return RequestTimeoutError(f"batcher {self.name!r}: request timed out after {timeout:.6g} ms")
 
