@@ -27,7 +27,7 @@ import pytest
 
 import batchkit
 from batchkit._dedup import ResultCache, detached
-from batchkit._scheduler import DedupScheduler
+from batchkit._dedup_scheduler import DedupScheduler
 from tests._reliability import check_invariant, check_settled, wait_until
 from tests.conftest import RecordingModel
 

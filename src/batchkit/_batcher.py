@@ -34,12 +34,13 @@ else:
 
 from ._backend import Backend, current_backend
 from ._collate import CollateArg, make_collator
+from ._dedup_scheduler import DedupScheduler
 from ._errors import BatcherClosedError
 from ._execute import Executor
 from ._extras import require
 from ._padding import PadSequences
 from ._runner import Replicas
-from ._scheduler import DedupScheduler, Scheduler
+from ._scheduler import Scheduler
 from ._settings import DEFAULT_MAX_QUEUE_SIZE, BatcherOptions, ModuleBatcherOptions, Settings
 from ._shared import SharedExecutor
 from ._stats import BatcherStats

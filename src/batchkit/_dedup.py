@@ -1,7 +1,7 @@
 """The records behind ``dedup_key``: computations shared by identical requests, and the result cache.
 
 Like ``_queue.py`` for the queue, this module keeps records and never changes a
-request's state: ``DedupScheduler`` (in ``_scheduler.py``) does.
+request's state: ``DedupScheduler`` (in ``_dedup_scheduler.py``) does.
 
 A *computation* is one input being computed for every caller that sent it
 (identical by ``dedup_key``) while it is queued or running. Its callers are:
