@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import anyio
 import anyio.lowlevel
@@ -13,6 +12,7 @@ import pytest
 import batchkit
 from batchkit._tuner import ConcurrencyTuner
 from tests._reliability import check_settled
+from tests.test_concurrency_auto import drive
 
 
 @pytest.mark.anyio
@@ -66,22 +66,9 @@ async def test_auto_tunes_a_streaming_model_too() -> None:
     check_settled(batcher.stats())
 
 
-_CLOCK: dict[int, float] = {}
-
-
-def _drive(tuner: ConcurrencyTuner, rate_of: Callable[[int], float], batches: int) -> list[int]:
-    now, limits = _CLOCK.get(id(tuner), 0.0), []
-    for _ in range(batches):
-        now += 8 / rate_of(tuner.limit)
-        tuner.observe(8, now, saturated=True)
-        limits.append(tuner.limit)
-    _CLOCK[id(tuner)] = now  # a later call goes on from here
-    return limits
-
-
 def test_the_tuner_does_not_drift_down_where_more_always_pays() -> None:
     tuner = ConcurrencyTuner(16)
-    limits = _drive(tuner, lambda n: 100.0 * n, 20_000)  # each one fewer loses 1/n: under 10 % from 11 up
+    limits = drive(tuner, lambda n: 100.0 * n, 20_000)  # each one fewer loses 1/n: under 10 % from 11 up
     late = limits[len(limits) // 2 :]
     assert min(late) >= 15, sorted(set(late))
     assert late.count(16) > 0.8 * len(late)
@@ -89,20 +76,20 @@ def test_the_tuner_does_not_drift_down_where_more_always_pays() -> None:
 
 def test_the_tuner_does_not_leap_past_the_best_after_coming_down() -> None:
     tuner = ConcurrencyTuner(16)
-    _drive(tuner, lambda n: 100.0 * n, 3_000)  # climbs to 16 in doubling strides
+    drive(tuner, lambda n: 100.0 * n, 3_000)  # climbs to 16 in doubling strides
 
     def contended(n: int) -> float:  # now best at 4: beyond, batches slow each other down
         return 100.0 * n if n <= 4 else 400.0 * (4 / n) ** 2
 
-    limits = _drive(tuner, contended, 20_000)
+    limits = drive(tuner, contended, 20_000)
     down = limits[limits.index(4) :]  # it comes down one step at a time...
     assert max(down) <= 6, sorted(set(down))  # ...and from the top, it probes one step at a time, not 12
 
 
 def test_the_tuner_looks_up_again_soon_after_the_model_gets_faster_in_parallel() -> None:
     tuner = ConcurrencyTuner(16)
-    _drive(tuner, lambda n: 100.0 * min(n, 4), 20_000)  # settled at 4, with a long patience
-    limits = _drive(tuner, lambda n: 200.0 * n, 3_000)  # faster now, and every batch in flight pays
+    drive(tuner, lambda n: 100.0 * min(n, 4), 20_000)  # settled at 4, with a long patience
+    limits = drive(tuner, lambda n: 200.0 * n, 3_000)  # faster now, and every batch in flight pays
     assert max(limits) == 16  # found within 3000 batches (about 20 windows at 16)
 
 
