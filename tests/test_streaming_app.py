@@ -204,6 +204,7 @@ class Gated:
         self.rows_per_step: list[int] = []
         self._allowed = 0.0
         self._changed = threading.Condition()
+        self.stepping = 0  # steps waiting for leave to run, or running
 
     def allow(self, steps: float) -> None:
         """Let ``steps`` more steps run (``math.inf``: all of them)."""
@@ -219,6 +220,13 @@ class Gated:
         return self.model.start(inputs)
 
     def step(self, state: Any) -> tuple[list[str], list[bool]]:
+        self.stepping += 1
+        try:
+            return self._step(state)
+        finally:
+            self.stepping -= 1
+
+    def _step(self, state: Any) -> tuple[list[str], list[bool]]:
         with self._changed:
             if not self._changed.wait_for(lambda: self._allowed > 0, timeout=30):
                 raise RuntimeError("the test never allowed this step")
@@ -334,6 +342,10 @@ async def test_errors_map_to_http_statuses(client: InThread) -> None:
         steps = len(model.rows_per_step)
         model.allow(math.inf)  # the held step (of rows now expired) runs; then no row is left to step
         await wait_until(lambda: len(model.rows_per_step) > steps)
+        await poll(http, lambda s: s["in_flight"] == 0)
+        for _ in range(3):  # no step of the expired rows still to come (it would take the permit below)
+            await wait_until(lambda: model.stepping == 0)
+            await anyio.sleep(0.05)
         model.close()
         seed = long_seed("late", 5)
         model.allow(1)
