@@ -82,6 +82,18 @@ class Subject:
         self.cost = lambda n: float(np.interp(n, sizes, seconds))
 
 
+async def replay(arrivals: np.ndarray, start: float, one: Callable[[float], Any]) -> None:
+    """Start ``one(planned)`` at each arrival time (seconds after ``start``, loop time); wait for them all."""
+    loop = asyncio.get_running_loop()
+    tasks = []
+    for at in arrivals:
+        delay = start + at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(start + at)))
+    await asyncio.gather(*tasks)
+
+
 async def run_load(predict: Any, item: Any, arrivals: np.ndarray) -> dict[str, float]:
     """Send one request at each arrival time (seconds from now); latency from the planned time, in ms."""
     loop = asyncio.get_running_loop()
@@ -92,13 +104,7 @@ async def run_load(predict: Any, item: Any, arrivals: np.ndarray) -> dict[str, f
         await predict(item)
         latencies.append(loop.time() - planned)
 
-    tasks = []
-    for at in arrivals:
-        delay = start + at - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(start + at)))
-    await asyncio.gather(*tasks)
+    await replay(arrivals, start, one)
     elapsed = loop.time() - start
     ms = np.asarray(latencies) * 1000
     return {

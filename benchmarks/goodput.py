@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 import numpy as np
-from adaptive_wait import MAX_BATCH, Subject, saturated_throughput
+from adaptive_wait import MAX_BATCH, Subject, replay, saturated_throughput
 from policy_sim import simulate
 
 import batchkit
@@ -61,13 +61,7 @@ async def offer(
         latencies.append(latency)
         counts["on_time" if latency <= deadline else "late"] += 1
 
-    tasks = []
-    for at in arrivals:
-        delay = start + at - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(start + at)))
-    await asyncio.gather(*tasks)
+    await replay(arrivals, start, one)
     ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
     return {
         **counts,
